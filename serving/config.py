@@ -1,0 +1,99 @@
+"""Typed, validated configuration of the server. Parsed from the CLI only in `serving.cli`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How ONNX Runtime runs the graphs."""
+
+    device: str = "auto"  # auto: CUDA when really active, else CPU; cuda: fail unless CUDA runs
+    intra_op_threads: int = 1  # threads inside one ORT call; inter-op is always 1
+    cuda_device_id: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        _require(self.intra_op_threads >= 0, "intra_op_threads must be >= 0 (0 lets ORT choose)")
+        _require(self.cuda_device_id >= 0, "cuda_device_id must be >= 0")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Micro-batching of stream steps across all streams of one model version."""
+
+    max_batch_size: int = 1024  # rows per ORT call; larger requests are split
+    max_batch_delay_us: int = 0  # extra wait for more rows when the runner is idle (0: none)
+
+    def __post_init__(self) -> None:
+        _require(self.max_batch_size >= 1, "max_batch_size must be >= 1")
+        _require(self.max_batch_delay_us >= 0, "max_batch_delay_us must be >= 0 (microseconds)")
+
+    @property
+    def max_batch_delay_s(self) -> float:
+        return self.max_batch_delay_us / 1e6
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Per-series recurrent state: how many series may live and for how long."""
+
+    max_series: int = 1_000_000  # live series across all streams; new ones past it are refused
+    idle_timeout_s: float = 3600.0  # a series not stepped for this long is freed
+    initial_capacity: int = 1024  # state rows preallocated per model version; doubles up to max_series
+
+    def __post_init__(self) -> None:
+        _require(self.max_series >= 1, "max_series must be >= 1")
+        _require(self.idle_timeout_s > 0, "idle_timeout_s must be > 0 seconds")
+        _require(self.initial_capacity >= 1, "initial_capacity must be >= 1")
+
+    @property
+    def sweep_interval_s(self) -> float:
+        """How often idle series are looked for: often enough to honour the timeout within ~25%."""
+        return min(1.0, self.idle_timeout_s / 4)
+
+
+@dataclass(frozen=True)
+class ModelSourceConfig:
+    """Where the model comes from and how often its registry alias is checked."""
+
+    model_uri: str = "models:/forecaster@production"  # or a local directory
+    watch_interval_s: float = 30.0  # 0 disables watching the alias
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    model_name: str | None = None  # name reported for a local directory (default "forecaster")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model_uri), "model_uri must not be empty")
+        _require(self.watch_interval_s >= 0, "watch_interval_s must be >= 0 seconds (0 disables)")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The whole server: transport, operations and the data plane's parts."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    metrics_port: int | None = 9100  # 0 picks a free port; None disables the metrics endpoint
+    max_receive_message_bytes: int = 4 * 1024 * 1024  # larger messages get RESOURCE_EXHAUSTED
+    grace_s: float = 10.0  # how long in-flight RPCs may finish after SIGTERM
+    source: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
+        _require(
+            self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+            f"metrics_port must be in 0..65535, got {self.metrics_port}",
+        )
+        _require(self.max_receive_message_bytes >= 1024, "max_receive_message_bytes must be >= 1024")
+        _require(self.grace_s >= 0, "grace_s must be >= 0 seconds")

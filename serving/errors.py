@@ -1,0 +1,74 @@
+"""Domain errors of the serving data plane, and the one place they become gRPC status codes.
+
+The data plane raises these with a message for the client that says what was wrong and where
+(series id, index in the request). Transports map them with `grpc_status`; anything else is a
+bug: the client gets a fixed message with a reference id and the operator's log gets the traceback.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServingError(Exception):
+    """Base class: the message is safe to show to a client."""
+
+
+class InvalidInput(ServingError):
+    """A request the client can fix: NaN, empty series id, timestamps going back, wrong shapes."""
+
+
+class CapacityExceeded(ServingError):
+    """A configured bound was reached (live-series cap, message size)."""
+
+
+class UnknownModel(ServingError):
+    """The request names a model this server does not serve."""
+
+
+class ModelNotReady(ServingError):
+    """No model is loaded and warmed up yet."""
+
+
+class StatePreconditionFailed(ServingError):
+    """A series' state cannot be used as asked (e.g. it belongs to another model version)."""
+
+
+class ModelContractError(ServingError):
+    """A model directory or graph does not follow the ONNX contract (CONTRACT §4)."""
+
+
+class ModelLoadError(ServingError):
+    """A model could not be fetched, opened or warmed up."""
+
+
+class DeviceUnavailable(ServingError):
+    """The requested execution device (e.g. CUDA) is not really usable."""
+
+
+_GRPC_CODES: dict[type[ServingError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UnknownModel: grpc.StatusCode.NOT_FOUND,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    StatePreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+INTERNAL_MESSAGE = "internal server error (ref {ref}); the server log has the details"
+
+
+def grpc_status(exc: BaseException, ref: str) -> tuple[grpc.StatusCode, str]:
+    """(code, client message) for an exception raised while serving a request.
+
+    `ref` ties the client's message to the operator's log line for errors that are bugs.
+    """
+    for cls in type(exc).__mro__:
+        code = _GRPC_CODES.get(cls)  # type: ignore[arg-type]
+        if code is not None:
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(ref=ref)
+
+
+def is_client_error(exc: BaseException) -> bool:
+    """True when the exception maps to a status the client caused or can act on (not a bug)."""
+    return any(cls in _GRPC_CODES for cls in type(exc).__mro__)

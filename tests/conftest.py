@@ -1,0 +1,132 @@
+"""Shared fixtures: real tiny models, trained for seconds on synthetic seasonal series, exported
+to the real ONNX graphs, and a real MLflow registry (sqlite in a temp dir).
+
+Tests build models through the same code paths users run (``build_model`` -> ``train_model`` ->
+``export_model`` -> ``log_and_register``), just smaller.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FREQ_MS = 1_800_000  # 30 min
+START_MS = 1_388_534_400_000  # 2014-01-01 00:00 UTC
+
+
+def synthetic_series(
+    n: int = 48 * 40, series_id: str = "s0", level: float = 10.0, covariates: int = 0, seed: int = 0
+):
+    """A half-hourly series with a daily cycle, a weekend dip and noise; covariates drive it too."""
+    from training.data import Series
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    cov = rng.standard_normal((n, covariates)).astype(np.float32)
+    weekday = (t // 48 + 2) % 7  # 2014-01-01 was a Wednesday (Monday = 0)
+    values = level * (1.0 + 0.3 * np.sin(2 * np.pi * t / 48) - 0.15 * (weekday >= 5))
+    values += 0.02 * level * rng.standard_normal(n)
+    if covariates:
+        values += 0.1 * level * cov[:, 0]
+    return Series(
+        series_id=series_id,
+        timestamps_ms=(START_MS + t * FREQ_MS).astype(np.int64),
+        values=values.astype(np.float32),
+        covariates=cov,
+    )
+
+
+def train_tiny(cell: str = "lstm", covariates: tuple[str, ...] = (), seed: int = 0, epochs: int = 2, horizon: int = 6):
+    """A real Forecaster trained for a couple of seconds."""
+    from training.model import ModelConfig
+    from training.train import TrainConfig, build_model, train_model
+
+    series = [synthetic_series(covariates=len(covariates), seed=seed, series_id=f"s{seed}")]
+    cfg = ModelConfig(cell=cell, hidden_size=16, num_layers=2, horizon=horizon, covariates=covariates)
+    model = build_model(cfg, series, seed)
+    train_model(model, series, TrainConfig(window=96, batch_size=32, max_epochs=epochs, seed=seed), progress=False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Callable[..., Path]:
+    """Factory: ``tiny_model_dir(cell="lstm", covariates=(), seed=0)`` -> a directory holding
+    ``model.onnx`` and ``sequence.onnx`` of a tiny trained model (cached per arguments)."""
+    from training.export import export_model
+
+    cache: dict[tuple, Path] = {}
+
+    def make(cell: str = "lstm", covariates: tuple[str, ...] = (), seed: int = 0) -> Path:
+        key = (cell, tuple(covariates), seed)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"model_{cell}_{len(covariates)}_{seed}")
+            model = train_tiny(cell, tuple(covariates), seed)
+            export_model(model, out, metadata={"target": "demand", "mlflow_run_id": "none"})
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> Iterator[str]:
+    """A fresh sqlite tracking store and artifact root in a temp dir; yields the tracking URI."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the sqlite store's default artifact root is ./mlruns
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def register_model_dir(
+    tracking_uri: str, model_dir: Path, name: str = "forecaster", alias: str | None = None, mase: float = 1.0
+) -> str:
+    """Register ``model_dir``'s graphs as a new version of ``name`` (alias ``candidate``, and
+    ``alias`` too if given) in the store at ``tracking_uri``; returns the version number."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from training.export import example_inputs
+    from training.model import Forecaster
+    from training.registry import log_and_register
+
+    meta = _metadata(model_dir)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("tests")
+    example = example_inputs(Forecaster(_config_from(meta)), 2, None, np.random.default_rng(0), state="zero")
+    with mlflow.start_run():
+        version = log_and_register(model_dir, name, {"backtest_mase": str(mase), "data_fingerprint": "test"}, example)
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def _metadata(model_dir: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(Path(model_dir) / "model.onnx")).metadata_props}
+
+
+def _config_from(meta: dict[str, str]):
+    import json
+
+    from training.model import ModelConfig
+
+    return ModelConfig(**json.loads(meta["model_config"]))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_env() -> None:
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # mlflow probes git otherwise

@@ -1,0 +1,219 @@
+"""The forecaster network: raw values and timestamps in, raw-unit quantile forecasts out.
+
+Everything a client would otherwise have to reproduce — value scaling, calendar encodings from
+epoch-millisecond timestamps, covariate scaling, the inverse transform of the forecast — happens
+inside the module, so the exported ONNX graphs carry it and train/serve skew cannot happen.
+This file holds only the network and its config: no I/O, so export and tests need nothing else.
+
+Scale and many series. One global model serves every series. Values go through a log-like
+transform, ``asinh(x / value_unit)``, then are standardised with statistics pooled over all
+training series. A series ten times larger than another therefore differs by a constant offset
+(about ``log 10 / value_scale`` standard units), not by a factor; and the head forecasts each
+quantile as an offset from the latest observation (``z_t + delta``), so the series' level comes
+from its input while the network learns shape and dynamics shared across series. asinh (unlike
+log) accepts zero and negative values. Limit: a series far outside the magnitudes seen in
+training pushes the recurrent gates towards saturation, so train on series of the magnitudes
+you will serve.
+
+Quantiles never cross by construction: the head emits the lowest quantile and non-negative
+(softplus) increments for each next one; the inverse transform is monotone, so the order
+survives into raw units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+MS_PER_DAY = 86_400_000
+MS_PER_WEEK = 7 * MS_PER_DAY
+MS_PER_YEAR = 31_557_600_000  # 365.25 days
+# 1970-01-01 (epoch day 0) was a Thursday; shifting by 3 days makes Monday day 0 of the week.
+EPOCH_TO_MONDAY_MS = 3 * MS_PER_DAY
+CELLS = ("lstm", "gru")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the network plus the scaling statistics fitted on the training split."""
+
+    cell: str = "lstm"
+    hidden_size: int = 64
+    num_layers: int = 2
+    dropout: float = 0.0
+    horizon: int = 48
+    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+    covariates: tuple[str, ...] = ()  # names, in the order of the covariate axis
+    freq_ms: int = 1_800_000  # step between observations, ms
+    daily_harmonics: int = 3  # sin/cos pairs of the time of day
+    # z = (asinh(x / value_unit) - value_loc) / value_scale; see the module docstring.
+    value_unit: float = 1.0
+    value_loc: float = 0.0
+    value_scale: float = 1.0
+    covariate_loc: tuple[float, ...] = field(default=())
+    covariate_scale: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        # Lists from YAML/JSON become tuples so the config stays hashable and frozen.
+        for name in ("quantiles", "covariates", "covariate_loc", "covariate_scale"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.cell not in CELLS:
+            raise ValueError(f"model.cell must be one of {CELLS}, got {self.cell!r}")
+        for name in ("hidden_size", "num_layers", "horizon", "freq_ms"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        q = self.quantiles
+        if not q or any(not 0.0 < x < 1.0 for x in q) or list(q) != sorted(set(q)):
+            raise ValueError(
+                f"model.quantiles must be strictly increasing values in (0, 1), e.g. [0.1, 0.5, 0.9]; got {list(q)}"
+            )
+        if self.value_unit <= 0 or self.value_scale <= 0:
+            raise ValueError("value_unit and value_scale must be positive")
+        c = len(self.covariates)
+        if self.covariate_loc and (len(self.covariate_loc) != c or len(self.covariate_scale) != c):
+            raise ValueError(f"covariate_loc/covariate_scale need one entry per covariate ({c})")
+        if len(set(self.covariates)) != c:
+            raise ValueError(f"covariate names must be unique, got {list(self.covariates)}")
+
+    @property
+    def num_quantiles(self) -> int:
+        return len(self.quantiles)
+
+    @property
+    def num_covariates(self) -> int:
+        return len(self.covariates)
+
+    @property
+    def median_index(self) -> int:
+        """Index of the quantile used as the point forecast: 0.5 if present, else the middle one."""
+        return self.quantiles.index(0.5) if 0.5 in self.quantiles else len(self.quantiles) // 2
+
+    @property
+    def num_features(self) -> int:
+        # scaled value, daily sin/cos pairs, 7 weekday one-hots, yearly sin/cos, covariates
+        return 1 + 2 * self.daily_harmonics + 7 + 2 + self.num_covariates
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Forecaster(nn.Module):
+    """LSTM/GRU over per-step features, with a direct multi-horizon quantile head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        rnn = nn.LSTM if config.cell == "lstm" else nn.GRU
+        self.rnn = rnn(
+            input_size=config.num_features,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_layers,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+            batch_first=True,
+        )
+        self.head = nn.Linear(config.hidden_size, config.horizon * config.num_quantiles)
+        c = config.num_covariates
+        # Buffers, not Python floats, so the scaling lives in the state dict and the graphs.
+        self.register_buffer("cov_loc", torch.tensor(config.covariate_loc or [0.0] * c, dtype=torch.float32))
+        self.register_buffer(
+            "cov_scale", torch.tensor(config.covariate_scale or [1.0] * c, dtype=torch.float32)
+        )
+        self.register_buffer("daily_k", torch.arange(1, config.daily_harmonics + 1, dtype=torch.float32))
+        self.register_buffer("weekdays", torch.arange(7, dtype=torch.int64))
+
+    # -- transforms -------------------------------------------------------------------------
+    def scale_values(self, values: torch.Tensor) -> torch.Tensor:
+        """Raw values -> standardised z (any shape). asinh written out so every runtime has it."""
+        cfg = self.config
+        x = values / cfg.value_unit
+        asinh = torch.sign(x) * torch.log(x.abs() + torch.sqrt(x * x + 1.0))
+        return (asinh - cfg.value_loc) / cfg.value_scale
+
+    def unscale_values(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of scale_values (sinh written out for the same reason)."""
+        cfg = self.config
+        a = z * cfg.value_scale + cfg.value_loc
+        return cfg.value_unit * 0.5 * (torch.exp(a) - torch.exp(-a))
+
+    def features(
+        self, values: torch.Tensor, timestamps_ms: torch.Tensor, covariates: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, T) values, (B, T) int64 ms, (B, T, C) covariates -> (B, T, F) features.
+
+        Remainders are taken on int64 before casting: epoch ms do not fit float32 exactly,
+        but a position within a day or week does.
+        """
+        z = self.scale_values(values).unsqueeze(-1)  # (B, T, 1)
+        day = torch.remainder(timestamps_ms, MS_PER_DAY).to(torch.float32) / MS_PER_DAY
+        angle = (2.0 * math.pi) * day.unsqueeze(-1) * self.daily_k  # (B, T, K)
+        week_ms = torch.remainder(timestamps_ms + EPOCH_TO_MONDAY_MS, MS_PER_WEEK)
+        weekday = torch.div(week_ms, MS_PER_DAY, rounding_mode="floor")  # (B, T) in 0..6, Monday 0
+        onehot = (weekday.unsqueeze(-1) == self.weekdays).to(torch.float32)  # (B, T, 7)
+        year = torch.remainder(timestamps_ms, MS_PER_YEAR).to(torch.float32) / MS_PER_YEAR
+        year_angle = (2.0 * math.pi) * year.unsqueeze(-1)  # (B, T, 1)
+        parts = [z, torch.sin(angle), torch.cos(angle), onehot, torch.sin(year_angle), torch.cos(year_angle)]
+        if covariates is not None and self.config.num_covariates:
+            parts.append((covariates - self.cov_loc) / self.cov_scale)
+        return torch.cat(parts, dim=-1)
+
+    # -- network ----------------------------------------------------------------------------
+    def encode(
+        self,
+        values: torch.Tensor,
+        timestamps_ms: torch.Tensor,
+        covariates: torch.Tensor | None,
+        h: torch.Tensor,
+        c: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Run the recurrent cell: -> top-layer outputs (B, T, H), h_out (L, B, H), c_out."""
+        x = self.features(values, timestamps_ms, covariates)
+        if self.config.cell == "lstm":
+            out, (h_out, c_out) = self.rnn(x, (h, c))
+            return out, h_out, c_out
+        out, h_out = self.rnn(x, h)
+        return out, h_out, None
+
+    def quantiles_z(self, hidden: torch.Tensor, z_last: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden, (...) latest scaled value -> (..., horizon, Q) non-crossing z quantiles."""
+        cfg = self.config
+        raw = self.head(hidden).unflatten(-1, (cfg.horizon, cfg.num_quantiles))
+        lowest = raw[..., :1] + z_last.unsqueeze(-1).unsqueeze(-1)
+        if cfg.num_quantiles == 1:
+            return lowest
+        steps = nn.functional.softplus(raw[..., 1:])
+        return torch.cat([lowest, lowest + torch.cumsum(steps, dim=-1)], dim=-1)
+
+    def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cfg = self.config
+        h = torch.zeros(cfg.num_layers, batch, cfg.hidden_size)
+        return h, (torch.zeros_like(h) if cfg.cell == "lstm" else None)
+
+    def forecast_all_z(
+        self, values: torch.Tensor, timestamps_ms: torch.Tensor, covariates: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Training/backtest path: from zero state, the z-space forecast after every step.
+
+        (B, T) -> (B, T, horizon, Q); entry t is the forecast made after observing step t.
+        """
+        h, c = self.zero_state(values.shape[0])
+        out, _, _ = self.encode(values, timestamps_ms, covariates, h, c)
+        return self.quantiles_z(out, self.scale_values(values))
+
+    def forward(
+        self,
+        values: torch.Tensor,
+        timestamps_ms: torch.Tensor,
+        covariates: torch.Tensor | None,
+        h: torch.Tensor,
+        c: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The sequence-graph contract: (B, T) in, raw-unit forecast (B, horizon, Q) after the
+        last step, plus the recurrent state to continue from."""
+        out, h_out, c_out = self.encode(values, timestamps_ms, covariates, h, c)
+        z = self.quantiles_z(out[:, -1], self.scale_values(values[:, -1]))
+        return self.unscale_values(z), h_out, c_out

@@ -1,0 +1,133 @@
+"""The MLflow model registry: log both graphs as one model version, tag it, gate promotion.
+
+One registered version holds both graphs (``model.onnx`` as the ONNX flavor's model,
+``sequence.onnx`` as an extra file), so one alias always names a matching pair. Every new
+version gets alias ``candidate``; ``production`` moves only through :func:`promote`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from training.export import SEQUENCE_FILE, STEP_FILE, cpu_session
+
+log = logging.getLogger(__name__)
+
+CANDIDATE = "candidate"
+PRODUCTION = "production"
+# What the serving side needs to run the graphs; the ONNX flavor would otherwise guess.
+SERVING_REQUIREMENTS = ["onnxruntime-gpu==1.31.1", "numpy>=2.0,<3"]
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot be done as asked (unknown version, missing tags...)."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    promoted: bool
+    version: str
+    reason: str
+
+
+def log_and_register(
+    model_dir: Path,
+    registered_model: str,
+    tags: dict[str, str],
+    input_example: dict[str, np.ndarray],
+) -> ModelVersion:
+    """Log ``model_dir``'s graphs as an ONNX model in the active run and register a new version.
+
+    ``tags`` go on the version (run id, cell, horizon, backtest MASE, data fingerprint...);
+    the version gets alias ``candidate``. ``input_example`` feeds the step graph (batch >= 1).
+    """
+    model_dir = Path(model_dir)
+    step = onnx.load(str(model_dir / STEP_FILE))
+    outputs = dict(zip([o.name for o in step.graph.output], cpu_session(model_dir / STEP_FILE).run(None, input_example)))
+    info = mlflow.onnx.log_model(
+        step,
+        name="model",
+        extra_files=[str(model_dir / SEQUENCE_FILE)],
+        signature=infer_signature(input_example, outputs),
+        input_example=input_example,
+        pip_requirements=SERVING_REQUIREMENTS,
+        save_as_external_data=False,
+        registered_model_name=registered_model,
+    )
+    client = MlflowClient()
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version, key, str(value))
+    client.set_registered_model_alias(registered_model, CANDIDATE, version)
+    log.info("registered %s version %s (alias %s)", registered_model, version, CANDIDATE)
+    return client.get_model_version(registered_model, version)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:  # no such alias (or model) yet
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def _mase(version: ModelVersion) -> float:
+    try:
+        return float(version.tags["backtest_mase"])
+    except (KeyError, ValueError) as exc:
+        raise RegistryError(f"version {version.version} has no numeric 'backtest_mase' tag") from exc
+
+
+def promote(name: str, version: str | None = None, force: bool = False) -> Promotion:
+    """The promotion gate: move ``production`` to ``version`` (default: the ``candidate``).
+
+    It moves only when the version's backtest MASE beats production's on the same data
+    fingerprint, or when there is no production yet; ``force`` skips the comparison.
+    """
+    client = MlflowClient()
+    if version is None:
+        cand = alias_version(client, name, CANDIDATE)
+        if cand is None:
+            raise RegistryError(f"registered model {name!r} has no {CANDIDATE!r} alias; pass --version N")
+    else:
+        try:
+            cand = client.get_model_version(name, str(version))
+        except MlflowException as exc:
+            raise RegistryError(f"registered model {name!r} has no version {version}") from exc
+    prod = alias_version(client, name, PRODUCTION)
+    v = str(cand.version)
+    if prod is not None and str(prod.version) == v:
+        return Promotion(False, v, f"version {v} already holds {PRODUCTION!r}")
+    if force:
+        reason = f"forced: version {v} is now {PRODUCTION!r}"
+    elif prod is None:
+        reason = f"no {PRODUCTION!r} version yet; version {v} (MASE {_mase(cand):.4f}) becomes it"
+    else:
+        new, old = _mase(cand), _mase(prod)
+        same_data = cand.tags.get("data_fingerprint") == prod.tags.get("data_fingerprint")
+        if not same_data:
+            return Promotion(
+                False,
+                v,
+                f"version {v} was backtested on other data than production version {prod.version} "
+                f"(fingerprints differ), so their MASE cannot be compared; use --force to promote anyway",
+            )
+        if not new < old:
+            return Promotion(
+                False, v, f"version {v} MASE {new:.4f} does not beat production version {prod.version} MASE {old:.4f}"
+            )
+        reason = f"version {v} MASE {new:.4f} beats production version {prod.version} MASE {old:.4f}"
+    client.set_registered_model_alias(name, PRODUCTION, v)
+    log.info("promoted %s version %s: %s", name, v, reason)
+    return Promotion(True, v, reason)

@@ -1,0 +1,316 @@
+"""The training loop: one readable function, no framework.
+
+Each sample is a window of ``window`` consecutive steps from one series. The model runs over the
+window from zero state and forecasts after *every* step, so one forward pass yields up to
+``window`` multi-horizon targets (the loss starts after ``burn_in`` steps, when the state carries
+some history). The pinball loss is taken in the model's scaled space, where series of different
+magnitude weigh alike; quantiles are invariant under the monotone inverse transform, so this is
+the same objective as in raw units up to a per-point weight.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.model import Forecaster, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    window: int = 336  # steps per training window (one week of half-hours)
+    batch_size: int = 64
+    max_epochs: int = 30
+    lr: float = 3e-3  # peak learning rate of the warm-up + cosine schedule
+    weight_decay: float = 1e-4
+    clip_norm: float = 1.0  # max global gradient norm; 0 disables
+    clip_value: float | None = None  # optional element-wise clip, applied before the norm clip
+    patience: int = 5  # epochs without validation improvement before stopping
+    seed: int = 0
+    val_fraction: float = 0.1  # last share of each series' training part, for early stopping
+    stride: int = 12  # steps between consecutive window starts
+    burn_in: int = 24  # first steps of a window that carry no loss
+    threads: int | None = None  # torch intra-op threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("window", "batch_size", "max_epochs", "stride", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be positive, got {self.lr}")
+        if self.clip_norm < 0:
+            raise ValueError(f"train.clip_norm must be >= 0 (0 disables clipping), got {self.clip_norm}")
+        if self.clip_value is not None and self.clip_value <= 0:
+            raise ValueError(f"train.clip_value must be positive or null, got {self.clip_value}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"train.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if not 0 <= self.burn_in < self.window:
+            raise ValueError(f"train.burn_in must be in [0, window), got {self.burn_in}")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor owning a copy: dataset arrays are read-only, and torch wants writable memory."""
+    return torch.tensor(np.array(array), dtype=dtype)
+
+
+# -- scaling ------------------------------------------------------------------------------------
+def fit_scaling(values: Sequence[np.ndarray], covariates: Sequence[np.ndarray]) -> dict:
+    """Scaling statistics for ModelConfig, pooled over the training parts of all series."""
+    v = np.concatenate([np.asarray(x, np.float64) for x in values])
+    # asinh(x / unit) is log-like once |x| / unit >> 1; a tenth of the typical magnitude gets there.
+    unit = 0.1 * float(np.median(np.abs(v)))
+    unit = unit if unit > 0 else 1.0
+    a = np.arcsinh(v / unit)
+    scale = float(a.std()) or 1.0
+    stats = {"value_unit": unit, "value_loc": float(a.mean()), "value_scale": scale}
+    cov = np.concatenate([np.asarray(c, np.float64) for c in covariates]) if covariates else None
+    if cov is not None and cov.shape[1]:
+        std = cov.std(axis=0)
+        stats["covariate_loc"] = tuple(float(x) for x in cov.mean(axis=0))
+        stats["covariate_scale"] = tuple(float(x) if x > 0 else 1.0 for x in std)
+    return stats
+
+
+# -- windows ------------------------------------------------------------------------------------
+@dataclass
+class _Windows:
+    """Series packed end to end, and windows into them that never cross a series boundary."""
+
+    values: torch.Tensor  # (N,) float32, raw units
+    timestamps: torch.Tensor  # (N,) int64 ms
+    covariates: torch.Tensor  # (N, C)
+    targets: torch.Tensor  # (N, horizon) scaled future values; NaN past a series' end
+    starts: np.ndarray  # window start offsets into the packed arrays
+    loss_from: np.ndarray  # per window: first position (within the window) that carries loss
+    loss_to: np.ndarray  # per window: one past the last position that carries loss
+
+
+def _pack(model: Forecaster, series: Sequence, cfg: TrainConfig) -> tuple[_Windows, _Windows]:
+    """Train windows (targets before the validation split) and validation windows (forecast
+    origins inside it), over the same packed arrays."""
+    horizon, w = model.config.horizon, cfg.window
+    parts_v, parts_t, parts_c, parts_y = [], [], [], []
+    train, val = ([], [], []), ([], [], [])
+    offset = 0
+    for s in series:
+        n = len(s.values)
+        z = model.scale_values(_tensor(s.values, torch.float32))
+        future = torch.full((n, horizon), math.nan)
+        for k in range(1, horizon + 1):  # future[t, k-1] = z[t + k]
+            future[: n - k, k - 1] = z[k:]
+        parts_v.append(_tensor(s.values, torch.float32))
+        parts_t.append(_tensor(s.timestamps_ms, torch.int64))
+        parts_c.append(_tensor(s.covariates, torch.float32).reshape(n, -1))
+        parts_y.append(future)
+        val_start = n - max(1, math.ceil(cfg.val_fraction * n))
+        # Train: the whole forecast (t + horizon) stays before the validation split.
+        for start in range(0, val_start - horizon - w + 1, cfg.stride):
+            train[0].append(offset + start)
+            train[1].append(cfg.burn_in)
+            train[2].append(w)
+        # Validation: every origin in [val_start, n - horizon), in chunks, each chunk preceded
+        # by burn_in steps of history. Positions past a chunk are masked; the RNN is causal, so
+        # whatever follows them in the packed arrays cannot leak into the scored forecasts.
+        for origin in range(val_start, n - horizon, w - cfg.burn_in):
+            start = max(0, origin - cfg.burn_in)
+            val[0].append(offset + start)
+            val[1].append(origin - start)
+            val[2].append(min(w, n - horizon - start))
+        offset += n
+    if not train[0] or not val[0]:
+        raise TrainingError(
+            f"series too short for window {w} + horizon {horizon} with val_fraction {cfg.val_fraction}: "
+            f"lengths {[len(s.values) for s in series]}"
+        )
+    packed = (torch.cat(parts_v), torch.cat(parts_t), torch.cat(parts_c), torch.cat(parts_y))
+
+    def windows(idx: tuple[list, list, list]) -> _Windows:
+        return _Windows(*packed, np.asarray(idx[0]), np.asarray(idx[1]), np.asarray(idx[2]))
+
+    return windows(train), windows(val)
+
+
+def _batch(win: _Windows, rows: np.ndarray, width: int) -> tuple[torch.Tensor, ...]:
+    """Gather windows -> values (B, W), timestamps (B, W), covariates (B, W, C), targets (B, W, h),
+    and a loss mask (B, W). Validation windows may be shorter than ``width``: padded and masked."""
+    pos = torch.arange(width)
+    idx = torch.as_tensor(win.starts[rows])[:, None] + pos  # (B, W)
+    idx = idx.clamp(max=len(win.values) - 1)
+    lo = torch.as_tensor(win.loss_from[rows])[:, None]
+    hi = torch.as_tensor(win.loss_to[rows])[:, None]
+    mask = (pos >= lo) & (pos < hi)
+    targets = win.targets[idx]
+    mask &= ~torch.isnan(targets).any(-1)
+    return win.values[idx], win.timestamps[idx], win.covariates[idx], torch.nan_to_num(targets), mask
+
+
+def pinball_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, quantiles: torch.Tensor
+) -> torch.Tensor:
+    """pred (B, W, h, Q), target (B, W, h), mask (B, W) -> mean pinball loss over masked points."""
+    diff = target.unsqueeze(-1) - pred  # (B, W, h, Q)
+    loss = torch.maximum(quantiles * diff, (quantiles - 1.0) * diff).mean(dim=(-1, -2))  # (B, W)
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def clip_gradients(
+    params: Sequence[torch.nn.Parameter], clip_norm: float, clip_value: float | None
+) -> tuple[float, bool]:
+    """Clip in place; return the pre-clip global gradient norm and whether anything was clipped."""
+    grads = [p.grad for p in params if p.grad is not None]
+    pre_norm = float(torch.nn.utils.get_total_norm(grads))
+    clipped = False
+    if clip_value is not None:
+        clipped = any(bool((g.abs() > clip_value).any()) for g in grads)
+        torch.nn.utils.clip_grad_value_(params, clip_value)
+    if clip_norm > 0:
+        clipped |= pre_norm > clip_norm
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    return pre_norm, clipped
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_model(
+    model: Forecaster,
+    series: Sequence,
+    cfg: TrainConfig,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fit ``model`` in place on the training parts of ``series`` (objects with ``values`` (T,),
+    ``timestamps_ms`` (T,) and ``covariates`` (T, C)); keep the weights of the best validation
+    epoch. ``on_epoch(epoch, metrics)`` is called after each epoch (MLflow logging)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    train_w, val_w = _pack(model, series, cfg)
+    quantiles = torch.tensor(model.config.quantiles)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_w.starts) / cfg.batch_size)
+    total = steps_per_epoch * cfg.max_epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, warmup=steps_per_epoch))
+    result = TrainResult()
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    started = time.perf_counter()
+    bar = tqdm(
+        total=total, desc="train", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    )
+    try:
+        for epoch in range(1, cfg.max_epochs + 1):
+            model.train()
+            order = rng.permutation(len(train_w.starts))
+            losses, norms, clipped = [], [], 0
+            for step, first in enumerate(range(0, len(order), cfg.batch_size), start=1):
+                values, ts, cov, target, mask = _batch(
+                    train_w, order[first : first + cfg.batch_size], cfg.window
+                )
+                pred = model.forecast_all_z(values, ts, cov)
+                loss = pinball_loss(pred, target, mask, quantiles)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                norm, was_clipped = clip_gradients(params, cfg.clip_norm, cfg.clip_value)
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                norms.append(norm)
+                clipped += was_clipped
+                bar.update()
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
+            val_loss = evaluate_loss(model, val_w, cfg, quantiles)
+            metrics = {
+                "train_loss": float(np.mean(losses)),
+                "val_loss": val_loss,
+                "grad_norm_mean": float(np.mean(norms)),
+                "grad_norm_max": float(np.max(norms)),
+                "clipped_share": clipped / len(norms),
+                "lr": opt.param_groups[0]["lr"],
+            }
+            result.history.append(metrics)
+            bar.set_postfix(epoch=epoch, loss=f"{metrics['train_loss']:.4f}", val=f"{val_loss:.4f}")
+            log.info("epoch %d %s", epoch, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
+            if on_epoch:
+                on_epoch(epoch, metrics)
+            if val_loss < result.best_val_loss - 1e-6:
+                result.best_val_loss, result.best_epoch = val_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif epoch - result.best_epoch >= cfg.patience:
+                result.stopped_early = True
+                log.info("early stop at epoch %d: no validation gain for %d epochs", epoch, cfg.patience)
+                break
+    finally:
+        bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@torch.no_grad()
+def evaluate_loss(model: Forecaster, win: _Windows, cfg: TrainConfig, quantiles: torch.Tensor) -> float:
+    model.eval()
+    total, weight = 0.0, 0
+    rows = np.arange(len(win.starts))
+    for first in range(0, len(rows), cfg.batch_size):
+        values, ts, cov, target, mask = _batch(win, rows[first : first + cfg.batch_size], cfg.window)
+        loss = pinball_loss(model.forecast_all_z(values, ts, cov), target, mask, quantiles)
+        total += loss.item() * int(mask.sum())
+        weight += int(mask.sum())
+    return total / max(1, weight)
+
+
+@torch.no_grad()
+def forecast_series(model: Forecaster, series) -> np.ndarray:
+    """Raw-unit quantile forecasts after every step of one whole series: (T, horizon, Q).
+
+    One pass from zero state over all history, as a streaming server would see it.
+    """
+    model.eval()
+    values = _tensor(series.values, torch.float32)[None]
+    ts = _tensor(series.timestamps_ms, torch.int64)[None]
+    cov = _tensor(series.covariates, torch.float32).reshape(1, values.shape[1], -1)
+    return model.unscale_values(model.forecast_all_z(values, ts, cov))[0].numpy()
+
+
+def build_model(config: ModelConfig, series: Sequence, seed: int) -> Forecaster:
+    """A fresh model whose scaling statistics come from the given (training) series."""
+    from dataclasses import replace
+
+    stats = fit_scaling(
+        [s.values for s in series], [np.asarray(s.covariates).reshape(len(s.values), -1) for s in series]
+    )
+    torch.manual_seed(seed)
+    return Forecaster(replace(config, **stats))
