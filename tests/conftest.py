@@ -23,9 +23,7 @@ FREQ_MS = 1_800_000  # 30 min
 START_MS = 1_388_534_400_000  # 2014-01-01 00:00 UTC
 
 
-def synthetic_series(
-    n: int = 48 * 40, series_id: str = "s0", level: float = 10.0, covariates: int = 0, seed: int = 0
-):
+def synthetic_series(n: int = 48 * 40, series_id: str = "s0", level: float = 10.0, covariates: int = 0, seed: int = 0):
     """A half-hourly series with a daily cycle, a weekend dip and noise; covariates drive it too."""
     from training.data import Series
 

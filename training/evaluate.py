@@ -75,9 +75,7 @@ def seasonal_naive_forecast(values: np.ndarray, origins: np.ndarray, horizon: in
     back = lag * -(-k // lag)  # [H] lag * ceil(k / lag), in integers
     idx = origins[:, None] + (k - back)[None, :]
     if idx.size and idx.min() < 0:
-        raise ValueError(
-            f"seasonal naive with lag {lag} needs {lag} steps of history before the first origin"
-        )
+        raise ValueError(f"seasonal naive with lag {lag} needs {lag} steps of history before the first origin")
     return np.asarray(values, np.float64)[idx]
 
 
@@ -85,9 +83,7 @@ def insample_scale(values: np.ndarray, test_start: int, season: int) -> float:
     """MASE denominator: mean |y_t - y_{t-season}| over the training part values[:test_start]."""
     train = np.asarray(values, np.float64)[:test_start]
     if len(train) <= season:
-        raise ValueError(
-            f"the training part has {len(train)} steps; MASE needs more than one season ({season}) of it"
-        )
+        raise ValueError(f"the training part has {len(train)} steps; MASE needs more than one season ({season}) of it")
     scale = float(np.mean(np.abs(train[season:] - train[:-season])))
     if not scale > 0 or not math.isfinite(scale):
         raise ValueError(
@@ -198,9 +194,7 @@ def backtest(
         baseline_preds["naive"].append(naive_forecast(s.values, origins, horizon))
         baseline_preds["seasonal_naive"].append(seasonal_naive_forecast(s.values, origins, horizon, season))
         if origins[0] >= weekly - 1:
-            baseline_preds["weekly_seasonal_naive"].append(
-                seasonal_naive_forecast(s.values, origins, horizon, weekly)
-            )
+            baseline_preds["weekly_seasonal_naive"].append(seasonal_naive_forecast(s.values, origins, horizon, weekly))
 
     # Pool all series: rows are (series, origin), each row carries its series' MASE scale.
     actual = np.concatenate([d.actual for d in details])  # [N_all, H]
@@ -236,9 +230,7 @@ def plot_backtest(result: BacktestResult, path: Path, max_origins: int = 4) -> P
     picks: list[tuple[SeriesBacktest, int]] = []
     for d in result.details:
         take = min(max_origins - len(picks), len(d.origins))
-        picks += [
-            (d, int(i)) for i in np.unique(np.linspace(0, len(d.origins) - 1, take).round().astype(int))
-        ]
+        picks += [(d, int(i)) for i in np.unique(np.linspace(0, len(d.origins) - 1, take).round().astype(int))]
         if len(picks) >= max_origins:
             break
     if not picks:

@@ -271,9 +271,7 @@ def check_parity(model: Forecaster, step_path: Path, sequence_path: Path) -> dic
             # The step graph T times from the same state must land where one sequence run does.
             state = {n: feeds[n] for n in state_names}
             for t in range(length):
-                step_feeds = {
-                    k: feeds[k][:, t] for k in ("values", "timestamps_ms", "covariates") if k in feeds
-                }
+                step_feeds = {k: feeds[k][:, t] for k in ("values", "timestamps_ms", "covariates") if k in feeds}
                 out = step.run(None, {**step_feeds, **state})
                 state = dict(zip(state_names, out[1:]))
             for a, b in zip(out, seq_out):

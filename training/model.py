@@ -30,7 +30,6 @@ from torch import nn
 
 MS_PER_DAY = 86_400_000
 MS_PER_WEEK = 7 * MS_PER_DAY
-MS_PER_YEAR = 31_557_600_000  # 365.25 days
 # 1970-01-01 (epoch day 0) was a Thursday; shifting by 3 days makes Monday day 0 of the week.
 EPOCH_TO_MONDAY_MS = 3 * MS_PER_DAY
 CELLS = ("lstm", "gru")
@@ -95,8 +94,10 @@ class ModelConfig:
 
     @property
     def num_features(self) -> int:
-        # scaled value, daily sin/cos pairs, 7 weekday one-hots, yearly sin/cos, covariates
-        return 1 + 2 * self.daily_harmonics + 7 + 2 + self.num_covariates
+        # scaled value, daily sin/cos pairs, 7 weekday one-hots, covariates. No time-of-year
+        # encoding: with a year or two of history it only memorises, and positions of the year
+        # past the training data would be extrapolation; the recurrent state tracks the level.
+        return 1 + 2 * self.daily_harmonics + 7 + self.num_covariates
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,9 +121,7 @@ class Forecaster(nn.Module):
         c = config.num_covariates
         # Buffers, not Python floats, so the scaling lives in the state dict and the graphs.
         self.register_buffer("cov_loc", torch.tensor(config.covariate_loc or [0.0] * c, dtype=torch.float32))
-        self.register_buffer(
-            "cov_scale", torch.tensor(config.covariate_scale or [1.0] * c, dtype=torch.float32)
-        )
+        self.register_buffer("cov_scale", torch.tensor(config.covariate_scale or [1.0] * c, dtype=torch.float32))
         self.register_buffer("daily_k", torch.arange(1, config.daily_harmonics + 1, dtype=torch.float32))
         self.register_buffer("weekdays", torch.arange(7, dtype=torch.int64))
 
@@ -154,9 +153,7 @@ class Forecaster(nn.Module):
         week_ms = torch.remainder(timestamps_ms + EPOCH_TO_MONDAY_MS, MS_PER_WEEK)
         weekday = torch.div(week_ms, MS_PER_DAY, rounding_mode="floor")  # (B, T) in 0..6, Monday 0
         onehot = (weekday.unsqueeze(-1) == self.weekdays).to(torch.float32)  # (B, T, 7)
-        year = torch.remainder(timestamps_ms, MS_PER_YEAR).to(torch.float32) / MS_PER_YEAR
-        year_angle = (2.0 * math.pi) * year.unsqueeze(-1)  # (B, T, 1)
-        parts = [z, torch.sin(angle), torch.cos(angle), onehot, torch.sin(year_angle), torch.cos(year_angle)]
+        parts = [z, torch.sin(angle), torch.cos(angle), onehot]
         if covariates is not None and self.config.num_covariates:
             parts.append((covariates - self.cov_loc) / self.cov_scale)
         return torch.cat(parts, dim=-1)

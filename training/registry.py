@@ -53,7 +53,9 @@ def log_and_register(
     """
     model_dir = Path(model_dir)
     step = onnx.load(str(model_dir / STEP_FILE))
-    outputs = dict(zip([o.name for o in step.graph.output], cpu_session(model_dir / STEP_FILE).run(None, input_example)))
+    outputs = dict(
+        zip([o.name for o in step.graph.output], cpu_session(model_dir / STEP_FILE).run(None, input_example))
+    )
     info = mlflow.onnx.log_model(
         step,
         name="model",

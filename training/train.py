@@ -167,9 +167,7 @@ def _batch(win: _Windows, rows: np.ndarray, width: int) -> tuple[torch.Tensor, .
     return win.values[idx], win.timestamps[idx], win.covariates[idx], torch.nan_to_num(targets), mask
 
 
-def pinball_loss(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, quantiles: torch.Tensor
-) -> torch.Tensor:
+def pinball_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
     """pred (B, W, h, Q), target (B, W, h), mask (B, W) -> mean pinball loss over masked points."""
     diff = target.unsqueeze(-1) - pred  # (B, W, h, Q)
     loss = torch.maximum(quantiles * diff, (quantiles - 1.0) * diff).mean(dim=(-1, -2))  # (B, W)
@@ -224,18 +222,14 @@ def train_model(
     result = TrainResult()
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     started = time.perf_counter()
-    bar = tqdm(
-        total=total, desc="train", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True
-    )
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
         for epoch in range(1, cfg.max_epochs + 1):
             model.train()
             order = rng.permutation(len(train_w.starts))
             losses, norms, clipped = [], [], 0
             for step, first in enumerate(range(0, len(order), cfg.batch_size), start=1):
-                values, ts, cov, target, mask = _batch(
-                    train_w, order[first : first + cfg.batch_size], cfg.window
-                )
+                values, ts, cov, target, mask = _batch(train_w, order[first : first + cfg.batch_size], cfg.window)
                 pred = model.forecast_all_z(values, ts, cov)
                 loss = pinball_loss(pred, target, mask, quantiles)
                 if not torch.isfinite(loss):

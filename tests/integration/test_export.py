@@ -1,0 +1,80 @@
+"""The exported graphs against PyTorch and against each other, in real ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from tests.conftest import train_tiny
+from training.export import PARITY_TOLERANCE, check_parity, export_model
+
+VARIANTS = [("lstm", ()), ("lstm", ("temp", "workday")), ("gru", ()), ("gru", ("temp",))]
+
+
+@pytest.mark.parametrize("cell, covariates", VARIANTS)
+def test_graphs_follow_the_contract_and_agree(tmp_path, cell, covariates):
+    model = train_tiny(cell, covariates, epochs=1)
+    report = export_model(model, tmp_path, metadata={"target": "load", "mlflow_run_id": "r1"})
+    assert report.worst < PARITY_TOLERANCE
+    assert set(report.parity) == {
+        "step_ort_vs_torch",
+        "sequence_ort_vs_torch",
+        "step_x_T_vs_sequence",
+        "alone_vs_batched",
+    }
+
+    cfg, c = model.config, len(covariates)
+    state_in = ["h", "c"] if cell == "lstm" else ["h"]
+    for name, time_axis in (("model.onnx", False), ("sequence.onnx", True)):
+        proto = onnx.load(str(tmp_path / name))
+        onnx.checker.check_model(proto, full_check=True)
+        inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+        outputs = [o.name for o in proto.graph.output]
+        expected = ["values", "timestamps_ms"] + (["covariates"] if c else []) + state_in
+        assert list(inputs) == expected
+        assert len(inputs["values"]) == (2 if time_axis else 1)
+        assert inputs["h"][0] == cfg.num_layers and inputs["h"][2] == cfg.hidden_size
+        assert outputs == ["forecast"] + [f"{s}_out" for s in state_in]
+        meta = {p.key: p.value for p in proto.metadata_props}
+        assert meta["cell"] == cell and meta["horizon"] == str(cfg.horizon)
+        assert meta["quantiles"] == "0.1,0.5,0.9" and meta["covariates"] == ",".join(covariates)
+        assert meta["freq_ms"] == "1800000" and meta["target"] == "load" and meta["mlflow_run_id"] == "r1"
+        assert json.loads(meta["model_config"])["hidden_size"] == cfg.hidden_size
+        ops = {n.op_type for n in proto.graph.node}
+        assert ("LSTM" if cell == "lstm" else "GRU") in ops  # native recurrent ops, not unrolled
+
+
+def test_a_wrong_gru_export_is_caught(tmp_path):
+    """The historical exporter bug: GRU with the wrong linear_before_reset gives silently wrong
+    numbers. Parity must catch exactly that."""
+    model = train_tiny("gru", (), epochs=1)
+    export_model(model, tmp_path)
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    for node in proto.graph.node:
+        if node.op_type == "GRU":
+            for attr in node.attribute:
+                if attr.name == "linear_before_reset":
+                    attr.i = 1 - attr.i
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    worst = check_parity(model, tmp_path / "model.onnx", tmp_path / "sequence.onnx")
+    assert worst["step_ort_vs_torch"] > PARITY_TOLERANCE
+    assert worst["step_x_T_vs_sequence"] > PARITY_TOLERANCE
+
+
+def test_forecasts_are_in_data_units(tmp_path, tiny_model_dir):
+    from tests.conftest import synthetic_series
+
+    d = tiny_model_dir("lstm")
+    s = synthetic_series(n=48 * 5, seed=0)
+    seq = ort.InferenceSession(str(d / "sequence.onnx"), providers=["CPUExecutionProvider"])
+    zeros = np.zeros((2, 1, 16), np.float32)
+    forecast = seq.run(
+        None, {"values": s.values[None], "timestamps_ms": s.timestamps_ms[None], "h": zeros, "c": zeros}
+    )[0]
+    # The synthetic series lives around 10 (0.55 .. 1.3 of level 10): so must its forecasts.
+    assert 4.0 < float(np.median(forecast)) < 16.0
+    assert (np.diff(forecast, axis=-1) >= 0).all()

@@ -1,0 +1,74 @@
+"""The registry round trip and the promotion gate, through a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+import numpy as np
+import onnxruntime as ort
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import register_model_dir, synthetic_series
+from training.registry import RegistryError, promote
+
+
+def alias_of(alias: str, name: str = "forecaster") -> str:
+    return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+
+
+def find(root: str, name: str) -> str:
+    for folder, _, files in os.walk(root):
+        if name in files:
+            return os.path.join(folder, name)
+    raise AssertionError(f"{name} not in {root}")
+
+
+def test_a_registered_version_runs_in_plain_onnxruntime(mlflow_store, tiny_model_dir):
+    version = register_model_dir(mlflow_store, tiny_model_dir("lstm"), alias="production")
+    client = MlflowClient()
+    mv = client.get_model_version("forecaster", version)
+    assert mv.tags["backtest_mase"] == "1.0" and alias_of("candidate") == version
+
+    for alias in ("candidate", "production"):
+        root = mlflow.artifacts.download_artifacts(f"models:/forecaster@{alias}")
+        step = ort.InferenceSession(find(root, "model.onnx"), providers=["CPUExecutionProvider"])
+        seq = ort.InferenceSession(find(root, "sequence.onnx"), providers=["CPUExecutionProvider"])
+        meta = step.get_modelmeta().custom_metadata_map
+        layers, hidden, horizon = int(meta["num_layers"]), int(meta["hidden_size"]), int(meta["horizon"])
+
+        # Three series streamed step by step == one run of the sequence graph == each alone.
+        series = [synthetic_series(n=60, seed=k, series_id=f"s{k}", level=10.0 * (k + 1)) for k in range(3)]
+        values = np.stack([s.values for s in series])
+        ts = np.stack([s.timestamps_ms for s in series])
+        h = np.zeros((layers, 3, hidden), np.float32)
+        c = np.zeros_like(h)
+        for t in range(values.shape[1]):
+            forecast, h, c = step.run(None, {"values": values[:, t], "timestamps_ms": ts[:, t], "h": h, "c": c})
+        zeros = np.zeros_like(h)
+        whole = seq.run(None, {"values": values, "timestamps_ms": ts, "h": zeros, "c": zeros})[0]
+        np.testing.assert_allclose(forecast, whole, rtol=1e-4, atol=1e-4)
+        assert forecast.shape == (3, horizon, 3) and (np.diff(forecast, axis=-1) >= 0).all()
+        z1 = np.zeros((layers, 1, hidden), np.float32)
+        alone = seq.run(None, {"values": values[2:], "timestamps_ms": ts[2:], "h": z1, "c": z1})[0]
+        np.testing.assert_allclose(alone, whole[2:], rtol=1e-5, atol=1e-5)
+
+
+def test_the_gate_promotes_a_better_model_and_keeps_a_worse_one_out(mlflow_store, tiny_model_dir):
+    d = tiny_model_dir("gru")
+    v1 = register_model_dir(mlflow_store, d, mase=0.9)
+    first = promote("forecaster")
+    assert first.promoted and "no 'production'" in first.reason
+    v2 = register_model_dir(mlflow_store, d, mase=0.95)
+    worse = promote("forecaster")
+    assert not worse.promoted and "does not beat" in worse.reason
+    assert alias_of("production") == v1
+    assert alias_of("candidate") == v2
+    v3 = register_model_dir(mlflow_store, d, mase=0.7)
+    better = promote("forecaster")
+    assert better.promoted and alias_of("production") == v3
+    forced = promote("forecaster", version=v2, force=True)
+    assert forced.promoted and alias_of("production") == v2
+    with pytest.raises(RegistryError, match="no version 99"):
+        promote("forecaster", version="99")

@@ -1,0 +1,98 @@
+"""Series state limits on a real server: idle expiry, the live-series cap, covariate models."""
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from serving.proto import pb, pb_grpc
+from tests.serving_support import (
+    FREQ_MS,
+    START_MS,
+    OfflineModel,
+    RunningServer,
+    Stream,
+    server_config,
+    wait_for,
+)
+
+
+def obs(series_id, t, **kw):
+    return {"series_id": series_id, "timestamp_ms": START_MS + t * FREQ_MS, "value": 3.0 + t % 4, **kw}
+
+
+def test_idle_series_expire_and_start_afresh(tiny_model_dir):
+    with (
+        RunningServer(server_config(str(tiny_model_dir("lstm")), idle_timeout_s=0.4)) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stream = Stream(pb_grpc.ForecasterStub(channel))
+        assert [f.steps_seen for f in stream.send(obs("a", 0), obs("b", 0))] == [1, 1]
+        assert server.metric("forecast_live_series") == 2
+        for t in range(1, 6):  # "b" keeps stepping, "a" goes quiet
+            (f,) = stream.send(obs("b", t))
+            assert f.steps_seen == t + 1
+            time.sleep(0.15)
+        wait_for(lambda: server.metric("forecast_live_series") == 1)
+        assert server.metric("forecast_series_expired_total") == 1
+        (f,) = stream.send(obs("a", 9))  # "a" was freed: it starts again from zero state
+        assert f.steps_seen == 1
+        stream.close()
+        wait_for(lambda: server.metric("forecast_live_series") == 0)  # stream closed: all freed
+
+
+def test_live_series_cap_refuses_new_series_with_resource_exhausted(tiny_model_dir):
+    with (
+        RunningServer(server_config(str(tiny_model_dir("lstm")), max_series=3)) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.ForecasterStub(channel)
+        first = Stream(stub)
+        first.send(obs("a", 0), obs("b", 0))
+        with pytest.raises(grpc.RpcError) as err:
+            Stream(stub).send(obs("c", 0), obs("d", 0))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (
+            "observation 0 (series 'c'): cannot start 2 new series: 2 series are live" in err.value.details()
+        )
+        assert "--max-series" in err.value.details()
+        first.send(obs("a", 1, end=True))  # ending a series makes room
+        second = Stream(stub)
+        assert [f.steps_seen for f in second.send(obs("c", 0), obs("d", 0))] == [1, 1]
+        assert [f.steps_seen for f in first.send(obs("b", 1))] == [2]  # untouched throughout
+        first.close()
+        second.close()
+
+
+def test_a_covariate_model_uses_them_and_checks_their_count(tiny_model_dir):
+    model_dir = tiny_model_dir("lstm", covariates=("temperature", "workday"))
+    offline = OfflineModel(model_dir)
+    with (
+        RunningServer(server_config(str(model_dir))) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.ForecasterStub(channel)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest())
+        assert list(info.covariates) == ["temperature", "workday"]
+        stream = Stream(stub)
+        for t in range(3):
+            covs = {"x": [20.0 + t, 1.0], "y": [-3.0, 0.0]}
+            forecasts = stream.send(*(obs(s, t, covariates=c) for s, c in covs.items()))
+            for f, (s, c) in zip(forecasts, covs.items()):
+                expected = offline.step_one(s, START_MS + t * FREQ_MS, 3.0 + t % 4, c)
+                np.testing.assert_allclose([q.values for q in f.quantiles], expected.T, atol=1e-3)
+        with pytest.raises(grpc.RpcError) as err:
+            stream.send(obs("x", 5, covariates=[1.0]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "1 covariates given, the model takes 2 (temperature, workday)" in err.value.details()
+
+        ts = [START_MS + t * FREQ_MS for t in range(5)]
+        values, cov = [3.0, 4.0, 5.0, 4.0, 3.0], [v for t in range(5) for v in (15.0 + t, float(t % 2))]
+        (f,) = stub.Forecast(
+            pb.ForecastRequest(
+                series=[pb.SeriesHistory(series_id="h", timestamps_ms=ts, values=values, covariates=cov)]
+            )
+        ).forecasts
+        expected = offline.run_sequence(ts, values, cov)
+        np.testing.assert_allclose([q.values for q in f.quantiles], expected.T, atol=1e-3)

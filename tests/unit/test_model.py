@@ -1,0 +1,83 @@
+"""The network: calendar encodings, scaling, non-crossing quantiles, state handling."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from training.model import Forecaster, ModelConfig
+
+MONDAY_2014_01_06 = 1_388_966_400_000  # 2014-01-06 00:00 UTC
+
+
+def model(**kw) -> Forecaster:
+    torch.manual_seed(0)
+    base = dict(hidden_size=8, num_layers=2, horizon=5, value_unit=0.5, value_loc=2.5, value_scale=0.4)
+    return Forecaster(ModelConfig(**{**base, **kw})).eval()
+
+
+def test_calendar_features_from_epoch_ms():
+    m = model(daily_harmonics=1)
+    ts = torch.tensor([[MONDAY_2014_01_06 + 6 * 3_600_000, MONDAY_2014_01_06 + 5 * 86_400_000 + 18 * 3_600_000]])
+    f = m.features(torch.tensor([[10.0, 10.0]]), ts, None)[0]  # (T, F): z, sin, cos, 7 weekday one-hots
+    assert f.shape == (2, 1 + 2 + 7)
+    assert f[0, 1].item() == pytest.approx(1.0, abs=1e-6)  # 06:00 -> a quarter of the day
+    assert f[1, 1].item() == pytest.approx(-1.0, abs=1e-6)  # 18:00
+    assert f[0, 3:].argmax().item() == 0 and f[1, 3:].argmax().item() == 5  # Monday, Saturday
+
+
+def test_scaling_round_trips_across_magnitudes_and_signs():
+    m = model()
+    x = torch.tensor([-50.0, 0.0, 0.3, 7.0, 1234.5])
+    assert torch.allclose(m.unscale_values(m.scale_values(x)), x, rtol=1e-5, atol=1e-5)
+    # A series 10x larger is a level shift of log(10)/value_scale, not a different unit.
+    z = m.scale_values(torch.tensor([400.0, 4000.0]))
+    assert (z[1] - z[0]).item() == pytest.approx(math.log(10) / 0.4, rel=1e-3)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_quantiles_never_cross_even_for_extreme_inputs(cell):
+    m = model(cell=cell, quantiles=(0.05, 0.25, 0.5, 0.75, 0.95))
+    with torch.no_grad():
+        for p in m.head.parameters():
+            p.normal_(0, 5.0)  # wild head weights: crossing would show
+    values = torch.tensor(np.random.default_rng(0).normal(10, 5, (4, 30)), dtype=torch.float32)
+    ts = MONDAY_2014_01_06 + torch.arange(30)[None].repeat(4, 1) * 1_800_000
+    h, c = m.zero_state(4)
+    forecast, _, _ = m(values, ts, None, h, c)
+    assert forecast.shape == (4, 5, 5)
+    assert (forecast.diff(dim=-1) >= 0).all()
+
+
+def test_state_carries_history():
+    m = model()
+    ts = MONDAY_2014_01_06 + torch.arange(20)[None] * 1_800_000
+    values = torch.linspace(5, 15, 20)[None]
+    h, c = m.zero_state(1)
+    whole, h_all, _ = m(values, ts, None, h, c)
+    _, h1, c1 = m(values[:, :12], ts[:, :12], None, h, c)
+    rest, h2, _ = m(values[:, 12:], ts[:, 12:], None, h1, c1)
+    assert torch.allclose(whole, rest, atol=1e-5) and torch.allclose(h_all, h2, atol=1e-6)
+    fresh, _, _ = m(values[:, 12:], ts[:, 12:], None, h, c)
+    assert not torch.allclose(fresh, rest, atol=1e-4)  # zero state = start of series
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(cell="rnn"), "model.cell"),
+        (dict(quantiles=(0.9, 0.1)), "strictly increasing"),
+        (dict(quantiles=(0.0, 0.5)), "strictly increasing"),
+        (dict(horizon=0), "model.horizon"),
+        (
+            dict(covariates=("a",), covariate_loc=(0.0, 1.0), covariate_scale=(1.0, 1.0)),
+            "one entry per covariate",
+        ),
+    ],
+)
+def test_config_errors_say_what_is_wrong(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kw)

@@ -1,0 +1,41 @@
+"""Config dataclasses refuse bad values at construction, saying what to write instead."""
+
+import pytest
+
+from serving.cli import config_from, parser
+from serving.config import BatchConfig, RuntimeConfig, ServerConfig, StateConfig
+from serving.model_store import ModelRef
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: RuntimeConfig(device="gpu"), "device must be one of"),
+        (lambda: BatchConfig(max_batch_size=0), "max_batch_size must be >= 1"),
+        (lambda: StateConfig(idle_timeout_s=0), "idle_timeout_s must be > 0"),
+        (lambda: ServerConfig(port=70000), "port must be in 0..65535"),
+    ],
+)
+def test_bad_values_are_refused(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_cli_flags_and_environment_become_the_config(tmp_path):
+    args = parser().parse_args(
+        ["--model-uri", "models:/m@candidate", "--port", "0", "--metrics-port", "-1", "--max-series", "10"]
+    )
+    cfg = config_from(args, {"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    assert cfg.port == 0 and cfg.metrics_port is None and cfg.state.max_series == 10
+    assert cfg.source.tracking_uri == "http://mlflow:5000"
+    assert config_from(args, {}).source.tracking_uri == "sqlite:///mlflow.db"
+
+
+def test_model_uris(tmp_path):
+    assert ModelRef.parse("models:/forecaster@production").alias == "production"
+    assert ModelRef.parse("models:/forecaster/7").version == "7"
+    assert ModelRef.parse(str(tmp_path)).local_dir == tmp_path.resolve()
+    with pytest.raises(ValueError, match="expected models:/NAME@ALIAS"):
+        ModelRef.parse("models:/forecaster")
+    with pytest.raises(ValueError, match="neither models:/"):
+        ModelRef.parse(str(tmp_path / "missing"))

@@ -1,0 +1,71 @@
+"""StateArena: preallocated rows, growth by doubling, zero state for new series, safe frees."""
+
+import numpy as np
+import pytest
+
+from serving.errors import CapacityExceeded
+from serving.state import StateArena
+
+
+def arena(initial: int = 2, cap: int = 16, tensors: int = 2) -> StateArena:
+    return StateArena(
+        num_layers=2, hidden_size=3, num_tensors=tensors, initial_capacity=initial, max_capacity=cap
+    )
+
+
+def test_new_rows_start_from_zero_state_even_when_reused():
+    a = arena()
+    rows = a.alloc(["a", "b"], now=0.0)
+    states, epochs = a.gather(rows)
+    a.scatter(rows, epochs, [np.ones_like(s) for s in states])
+    a.free(rows[:1])
+    again = a.alloc(["c"], now=0.0)
+    assert again.tolist() == rows[:1].tolist()  # the freed row is handed out again...
+    assert all((s == 0).all() for s in a.gather(again)[0])  # ...zeroed
+    assert all((s == 1).all() for s in a.gather(rows[1:])[0])  # the other series keeps its state
+
+
+def test_grows_by_doubling_up_to_the_cap_and_keeps_state():
+    a = arena(initial=2, cap=5)
+    first = a.alloc(["a", "b"], now=0.0)
+    states, epochs = a.gather(first)
+    a.scatter(first, epochs, [np.full_like(s, 7.0) for s in states])
+    a.alloc(["c"], now=0.0)
+    assert a.capacity == 4
+    a.alloc(["d", "e"], now=0.0)
+    assert a.capacity == 5  # doubling stops at the cap
+    assert all((s == 7).all() for s in a.gather(first)[0])
+    assert a.states[0].shape == (2, 5, 3)  # [L, capacity, H]
+    with pytest.raises(CapacityExceeded, match="at most 5"):
+        a.alloc(["f"], now=0.0)
+
+
+def test_scatter_skips_rows_freed_while_their_step_was_in_flight():
+    a = arena()
+    rows = a.alloc(["a", "b"], now=0.0)
+    states, epochs = a.gather(rows)  # a step starts...
+    a.free(rows[:1])  # ...the stream closes meanwhile...
+    reused = a.alloc(["new"], now=0.0)  # ...and another series takes the row
+    a.scatter(rows, epochs, [np.ones_like(s) for s in states])  # the late result lands
+    assert all((s == 0).all() for s in a.gather(reused)[0])  # not in the new series
+    assert all((s == 1).all() for s in a.gather(rows[1:])[0])
+
+
+def test_double_free_does_not_duplicate_rows():
+    a = arena(initial=4, cap=4)
+    rows = a.alloc(["a"], now=0.0)
+    a.free(rows)
+    a.free(rows)
+    assert a.live_count == 0
+    assert len(set(a.alloc(["w", "x", "y", "z"], now=0.0).tolist())) == 4
+
+
+def test_idle_rows_and_bookkeeping():
+    a = arena(tensors=1)
+    rows = a.alloc(["a", "b"], now=100.0)
+    steps = a.record_steps(rows[1:], np.array([5_000], np.int64), now=200.0)
+    assert steps.tolist() == [1]
+    assert a.idle_rows(now=250.0, idle_timeout_s=100.0).tolist() == [rows[0]]
+    assert a.last_ts[rows[1]] == 5_000
+    assert a.owners[rows[0]] == "a"
+    assert a.nbytes >= 2 * 2 * 3 * 4  # at least the [L, capacity, H] float32 state

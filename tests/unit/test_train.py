@@ -1,0 +1,97 @@
+"""The training loop: clipping bounds the update, loss falls, non-finite loss stops, seeding."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import synthetic_series
+from training.model import ModelConfig
+from training.train import TrainConfig, TrainingError, build_model, clip_gradients, fit_scaling, train_model
+
+SMALL = TrainConfig(window=96, batch_size=32, max_epochs=5, stride=4, burn_in=12, lr=5e-3, seed=3)
+
+
+def small_model(series, **kw):
+    return build_model(ModelConfig(hidden_size=16, num_layers=1, horizon=6, **kw), series, seed=0)
+
+
+def test_clipping_bounds_the_applied_update_under_an_exploding_gradient():
+    series = [synthetic_series(n=48 * 10)]
+    model = small_model(series)
+    before = [p.detach().clone() for p in model.parameters()]
+    values = torch.tensor(series[0].values[None, :96])
+    ts = torch.tensor(series[0].timestamps_ms[None, :96])
+    loss = model.forecast_all_z(values, ts).pow(2).mean() * 1e12  # an exploding gradient
+    loss.backward()
+    params = list(model.parameters())
+    pre_norm, clipped = clip_gradients(params, clip_norm=0.5, clip_value=None)
+    assert clipped and pre_norm > 1e6
+    assert float(torch.nn.utils.get_total_norm([p.grad for p in params])) == pytest.approx(0.5, rel=1e-4)
+    lr = 0.1
+    torch.optim.SGD(params, lr=lr).step()
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(params, before)))
+    assert moved.item() <= lr * 0.5 * (1 + 1e-4)  # the applied update is bounded by lr * clip_norm
+
+
+def test_value_clipping_bounds_each_element():
+    series = [synthetic_series(n=48 * 10)]
+    model = small_model(series)
+    (
+        model.forecast_all_z(
+            torch.tensor(series[0].values[None, :48]), torch.tensor(series[0].timestamps_ms[None, :48])
+        ).sum()
+        * 1e9
+    ).backward()
+    _, clipped = clip_gradients(list(model.parameters()), clip_norm=0.0, clip_value=1e-3)
+    assert clipped
+    assert max(p.grad.abs().max().item() for p in model.parameters()) <= 1e-3 * (1 + 1e-6)  # float32 of 1e-3
+
+
+def test_loss_falls_on_a_seasonal_series_and_clipping_is_logged():
+    series = [synthetic_series(n=48 * 30)]
+    model = small_model(series)
+    seen = []
+    result = train_model(model, series, SMALL, on_epoch=lambda e, m: seen.append((e, m)), progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.6 * losses[0]
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    assert [e for e, _ in seen] == list(range(1, len(result.history) + 1))
+    for key in ("grad_norm_mean", "grad_norm_max", "clipped_share", "lr", "val_loss"):
+        assert np.isfinite(seen[0][1][key])
+    assert 0.0 <= seen[0][1]["clipped_share"] <= 1.0
+
+
+def test_training_is_reproducible_with_a_seed():
+    series = [synthetic_series(n=48 * 12)]
+    cfg = TrainConfig(window=96, batch_size=32, max_epochs=2, stride=24, burn_in=12, seed=11)
+    a, b = small_model(series), small_model(series)
+    ra, rb = train_model(a, series, cfg, progress=False), train_model(b, series, cfg, progress=False)
+    assert ra.history == rb.history
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_non_finite_loss_stops_with_epoch_and_step():
+    series = [synthetic_series(n=48 * 12)]
+    model = small_model(series)
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at epoch 1, step 1"):
+        train_model(model, series, SMALL, progress=False)
+
+
+def test_series_too_short_is_refused():
+    series = [synthetic_series(n=100)]
+    with pytest.raises(TrainingError, match="too short"):
+        train_model(small_model(series), series, SMALL, progress=False)
+
+
+def test_scaling_pools_series_of_different_magnitudes():
+    a = SimpleNamespace(values=np.full(10, 10.0), covariates=np.zeros((10, 1)))
+    b = SimpleNamespace(values=np.full(10, 1000.0), covariates=np.ones((10, 1)))
+    stats = fit_scaling([a.values, b.values], [a.covariates, b.covariates])
+    assert stats["value_scale"] > 0 and stats["covariate_loc"] == (0.5,)

@@ -1,0 +1,174 @@
+"""``fit``: load and validate data, train, backtest against baselines, export, log, register,
+gate — one MLflow run from start to end, readable top to bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from training.config import FitConfig
+from training.data import Dataset, Series, load_dataset
+from training.evaluate import BacktestResult, backtest, holdout_start, plot_backtest
+from training.export import example_inputs, export_model
+from training.model import Forecaster, ModelConfig
+from training.registry import Promotion, log_and_register, promote
+from training.train import TrainResult, build_model, forecast_series, train_model
+
+log = logging.getLogger(__name__)
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+@dataclass
+class FitOutcome:
+    run_id: str
+    registered_model: str
+    version: str
+    model_uri: str
+    backtest: BacktestResult
+    training: TrainResult
+    promotion: Promotion
+    parity: dict[str, float]
+
+    def summary(self) -> dict:
+        """The ``--summary`` JSON of CONTRACT §3."""
+        return {
+            "run_id": self.run_id,
+            "registered_model": self.registered_model,
+            "version": self.version,
+            "model_uri": self.model_uri,
+            "metrics": self.backtest.metrics,
+            "baselines": self.backtest.baselines,
+            "promotion": {"promoted": self.promotion.promoted, "reason": self.promotion.reason},
+            "training": {
+                "seconds": round(self.training.seconds, 2),
+                "epochs": len(self.training.history),
+                "best_epoch": self.training.best_epoch,
+            },
+            "parity": self.parity,
+        }
+
+
+def training_parts(dataset: Dataset, test_fraction: float) -> list[Series]:
+    """Each series cut before its backtest region: training never sees the test steps."""
+    parts = []
+    for s in dataset.series:
+        cut = holdout_start(len(s.values), test_fraction)
+        parts.append(Series(s.series_id, s.timestamps_ms[:cut], s.values[:cut], s.covariates[:cut]))
+    return parts
+
+
+def save_state(model: Forecaster, out_dir: Path) -> None:
+    """State dict plus its config as JSON: rebuild with ``Forecaster(ModelConfig(**config))`` and
+    ``load_state_dict(torch.load(path, weights_only=True))``, no pickled code involved."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out_dir / "state_dict.pt")
+    (out_dir / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+
+
+def load_state(state_dir: Path) -> Forecaster:
+    config = ModelConfig(**json.loads((Path(state_dir) / "model_config.json").read_text()))
+    model = Forecaster(config)
+    model.load_state_dict(torch.load(Path(state_dir) / "state_dict.pt", weights_only=True))
+    return model.eval()
+
+
+def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True) -> FitOutcome:
+    # Data first: a bad file fails before any run is opened.
+    min_length = cfg.train.window + cfg.model.horizon
+    dataset = load_dataset(cfg.data, min_length=int(min_length / (1 - cfg.eval.test_fraction)) + 1)
+    fp = dataset.fingerprint
+    log.info(
+        "data: %d series, %d rows, %s .. %s, sha256 %s",
+        fp["series"],
+        fp["rows"],
+        fp["start"],
+        fp["end"],
+        fp["sha256"][:12],
+    )
+    train_parts = training_parts(dataset, cfg.eval.test_fraction)
+    model_cfg = replace(cfg.model, covariates=dataset.covariate_names, freq_ms=dataset.freq_ms)
+    model = build_model(model_cfg, train_parts, cfg.train.seed)
+
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        log.info("mlflow run %s in experiment %r", run_id, cfg.mlflow.experiment)
+        mlflow.log_params(cfg.flat())
+        mlflow.log_params({f"data_fingerprint.{k}": v for k, v in fp.items()})
+        mlflow.log_params(
+            {f"scaling.{k}": v for k, v in model.config.to_dict().items() if k.startswith(("value_", "cov"))}
+        )
+        mlflow.log_dict(
+            {"dataset": fp, "target": dataset.target, "covariates": list(dataset.covariate_names)}, "data.json"
+        )
+        mlflow.log_dict(cfg.to_dict(), "resolved_config.yaml")
+        if config_path is not None:
+            mlflow.log_artifact(str(config_path), "config")
+
+        result = train_model(
+            model, train_parts, cfg.train, on_epoch=lambda e, m: mlflow.log_metrics(m, step=e), progress=progress
+        )
+        mlflow.log_metrics({"train_seconds": result.seconds, "best_epoch": result.best_epoch})
+        log.info("trained %d epochs in %.1fs (best epoch %d)", len(result.history), result.seconds, result.best_epoch)
+
+        bt = backtest(
+            dataset,
+            lambda s: forecast_series(model, s),
+            quantiles=model.config.quantiles,
+            horizon=model.config.horizon,
+            season=cfg.eval.season,
+            test_fraction=cfg.eval.test_fraction,
+        )
+        mlflow.log_metrics({f"backtest_{k}": v for k, v in bt.metrics.items()})
+        for name, metrics in bt.baselines.items():
+            mlflow.log_metrics({f"{name}_{k}": v for k, v in metrics.items()})
+        log.info(
+            "backtest MASE %.4f; %s",
+            bt.metrics["mase"],
+            ", ".join(f"{k} {v['mase']:.4f}" for k, v in bt.baselines.items()),
+        )
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            mlflow.log_artifact(str(plot_backtest(bt, tmp / "backtest.png")))
+            save_state(model, tmp / "pytorch")
+            mlflow.log_artifacts(str(tmp / "pytorch"), "pytorch")
+            meta = {
+                "target": dataset.target,
+                "mlflow_run_id": run_id,
+                "registered_model": cfg.mlflow.registered_model,
+                "data_fingerprint": fp["sha256"],
+                "fit_config": json.dumps(cfg.to_dict()),
+            }
+            report = export_model(model, tmp / "onnx", metadata=meta)
+            mlflow.log_metrics({f"parity_{k}": v for k, v in report.parity.items()})
+            example = example_inputs(model, 2, None, np.random.default_rng(0), state="zero")
+            tags = {
+                "run_id": run_id,
+                "cell": model.config.cell,
+                "horizon": str(model.config.horizon),
+                "backtest_mase": repr(float(bt.metrics["mase"])),
+                "data_fingerprint": fp["sha256"],
+            }
+            version = log_and_register(tmp / "onnx", cfg.mlflow.registered_model, tags, example)
+        decision = promote(cfg.mlflow.registered_model, version.version)
+        mlflow.set_tags({"promoted": str(decision.promoted), "promotion_reason": decision.reason})
+        log.info("promotion gate: %s", decision.reason)
+
+    return FitOutcome(
+        run_id=run_id,
+        registered_model=cfg.mlflow.registered_model,
+        version=str(version.version),
+        model_uri=f"models:/{cfg.mlflow.registered_model}/{version.version}",
+        backtest=bt,
+        training=result,
+        promotion=decision,
+        parity=report.parity,
+    )
