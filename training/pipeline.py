@@ -79,8 +79,9 @@ def load_state(state_dir: Path) -> Forecaster:
     return model.eval()
 
 
-def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True) -> FitOutcome:
-    # Data first: a bad file fails before any run is opened.
+def prepare(cfg: FitConfig) -> tuple[Dataset, list[Series], Forecaster]:
+    """Load and validate the data, cut the training parts, build a model scaled to them."""
+    # Each series needs a training window plus a horizon before its backtest region.
     min_length = cfg.train.window + cfg.model.horizon
     dataset = load_dataset(cfg.data, min_length=int(min_length / (1 - cfg.eval.test_fraction)) + 1)
     fp = dataset.fingerprint
@@ -94,7 +95,24 @@ def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True) 
     )
     train_parts = training_parts(dataset, cfg.eval.test_fraction)
     model_cfg = replace(cfg.model, covariates=dataset.covariate_names, freq_ms=dataset.freq_ms)
-    model = build_model(model_cfg, train_parts, cfg.train.seed)
+    return dataset, train_parts, build_model(model_cfg, train_parts, cfg.train.seed)
+
+
+def run_backtest(model: Forecaster, dataset: Dataset, cfg: FitConfig) -> BacktestResult:
+    return backtest(
+        dataset,
+        lambda s: forecast_series(model, s),
+        quantiles=model.config.quantiles,
+        horizon=model.config.horizon,
+        season=cfg.eval.season,
+        test_fraction=cfg.eval.test_fraction,
+    )
+
+
+def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True) -> FitOutcome:
+    # Data first: a bad file fails before any run is opened.
+    dataset, train_parts, model = prepare(cfg)
+    fp = dataset.fingerprint
 
     mlflow.set_experiment(cfg.mlflow.experiment)
     with mlflow.start_run() as run:
@@ -118,14 +136,7 @@ def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True) 
         mlflow.log_metrics({"train_seconds": result.seconds, "best_epoch": result.best_epoch})
         log.info("trained %d epochs in %.1fs (best epoch %d)", len(result.history), result.seconds, result.best_epoch)
 
-        bt = backtest(
-            dataset,
-            lambda s: forecast_series(model, s),
-            quantiles=model.config.quantiles,
-            horizon=model.config.horizon,
-            season=cfg.eval.season,
-            test_fraction=cfg.eval.test_fraction,
-        )
+        bt = run_backtest(model, dataset, cfg)
         mlflow.log_metrics({f"backtest_{k}": v for k, v in bt.metrics.items()})
         for name, metrics in bt.baselines.items():
             mlflow.log_metrics({f"{name}_{k}": v for k, v in metrics.items()})

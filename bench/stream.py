@@ -1,0 +1,334 @@
+"""Streaming benchmark of the forecast server (the real `python -m serving` in a subprocess).
+
+(a) one stream, 256 series per message: observations/s, against raw in-process ONNX Runtime
+    stepping the same step graph at batch 256 (target ratio >= 0.5);
+(b) one observation per message over 1, 16, 64, 256 concurrent streams: messages/s and p50/p99
+    latency, against a bare gRPC server answering the same bytes (target ratio >= 0.7 at 64);
+(c) 100,000 live series: server RSS (target < 1 GiB).
+
+Client and servers share the machine: ratios are measured in the same run, on the same cores.
+Prints a table and writes bench/results/stream.json.
+
+    python -m bench.stream [--model-uri URI_OR_DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from serving.config import RuntimeConfig
+from serving.proto import pb
+from serving.runtime import session_options
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+METHOD = "/forecast.v1.Forecaster/StreamForecast"
+START_MS, FREQ_MS = 1_388_534_400_000, 1_800_000
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+# -- the model and the processes -------------------------------------------------------------------
+
+
+def default_model_dir() -> Path:
+    """The default config's network (LSTM, 2 layers, hidden 64, horizon 48), exported once.
+
+    Untrained weights run exactly as fast as trained ones; pass --model-uri to bench a real one.
+    """
+    out = RESULTS / "default-model"
+    if not (out / "sequence.onnx").exists():
+        import torch
+
+        from training.export import export_model
+        from training.model import Forecaster, ModelConfig
+
+        torch.manual_seed(0)
+        export_model(Forecaster(ModelConfig()), out, metadata={"target": "Demand", "mlflow_run_id": "bench"})
+    return out
+
+
+class Process:
+    def __init__(self, args: list[str], ready: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.output: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{args} exited: " + "".join(self.output[-20:]))
+            self.output.append(line)
+            if m := re.search(ready, line):
+                self.match = m
+                return
+        raise RuntimeError(f"{args} not ready in time")
+
+    def rss_mib(self) -> tuple[float, float]:
+        """(current, peak) resident set size in MiB, from /proc."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        kib = {k: int(v.split()[0]) for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(.+)$", status, re.M)}
+        return kib["VmRSS"] / 1024, kib["VmHWM"] / 1024
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(30)
+
+
+def start_server(model: str, *extra: str) -> tuple[Process, str]:
+    p = Process(
+        [
+            "-m",
+            "serving",
+            "--model-uri",
+            model,
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--device",
+            "cpu",
+            *extra,
+        ],
+        r"listening on ([\d.]+:\d+)",
+    )
+    return p, p.match.group(1)
+
+
+# -- request bytes, built before any clock starts --------------------------------------------------
+
+
+def request(series: list[str], step: int, values: np.ndarray) -> bytes:
+    ts = START_MS + step * FREQ_MS
+    obs = [pb.Observation(series_id=s, timestamp_ms=ts, value=float(v)) for s, v in zip(series, values)]
+    return pb.StreamRequest(observations=obs).SerializeToString()
+
+
+def level(step: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    return 4.0 + np.sin(2 * np.pi * step / 48) + 0.1 * rng.standard_normal(n)
+
+
+# -- (a) one stream, many series per message ------------------------------------------------------
+
+
+def raw_ort(model_dir: Path, batch: int, seconds: float) -> float:
+    """Observations/s of the step graph alone, state carried between calls, same SessionOptions."""
+    session = ort.InferenceSession(
+        str(model_dir / "model.onnx"),
+        session_options(RuntimeConfig(device="cpu")),
+        providers=["CPUExecutionProvider"],
+    )
+    meta = session.get_modelmeta().custom_metadata_map
+    shape = (int(meta["num_layers"]), batch, int(meta["hidden_size"]))
+    states = {name: np.zeros(shape, np.float32) for name in (["h", "c"] if meta["cell"] == "lstm" else ["h"])}
+    rng = np.random.default_rng(0)
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or steps < 20:
+        feeds = {"values": level(steps, batch, rng).astype(np.float32),
+                 "timestamps_ms": np.full(batch, START_MS + steps * FREQ_MS, np.int64), **states}  # fmt: skip
+        out = session.run(None, feeds)
+        states = dict(zip(states, out[1:]))
+        steps += 1
+    return steps * batch / (time.perf_counter() - started)
+
+
+async def one_stream(target: str, messages: list[bytes], warmup: int, window: int = 2) -> float:
+    """Observations/s over one stream, `window` messages in flight (the client pipelines)."""
+    per_message = len(pb.StreamRequest.FromString(messages[0]).observations)
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.stream_stream(METHOD, request_serializer=_identity, response_deserializer=_identity)()
+        credit = asyncio.Semaphore(window)
+        started = 0.0
+
+        async def write() -> None:
+            for m in messages:
+                await credit.acquire()
+                await call.write(m)
+            await call.done_writing()
+
+        writer = asyncio.create_task(write())
+        for i in range(len(messages)):
+            await call.read()
+            credit.release()
+            if i + 1 == warmup:
+                started = time.perf_counter()
+        await writer
+    return (len(messages) - warmup) * per_message / (time.perf_counter() - started)
+
+
+# -- (b) many streams, one observation per message -----------------------------------------------
+
+
+async def many_streams(target: str, streams: int, per_stream: int) -> dict:
+    """Ping-pong on `streams` concurrent streams; messages/s and per-message latency."""
+    rng = np.random.default_rng(streams)
+    plans = [
+        [request([f"st{k}"], i, level(i, 1, rng)) for i in range(per_stream)] for k in range(streams)
+    ]  # fmt: skip
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        method = channel.stream_stream(METHOD, request_serializer=_identity, response_deserializer=_identity)
+
+        async def run(plan: list[bytes]) -> None:
+            call = method()
+            for m in plan:
+                t = time.perf_counter()
+                await call.write(m)
+                await call.read()
+                latencies.append(time.perf_counter() - t)
+            await call.done_writing()
+            await call.read()  # end of stream
+
+        await asyncio.gather(*(run(p[:3]) for p in plans))  # connect and warm up every stream
+        latencies.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(run(p[3:]) for p in plans))
+        seconds = time.perf_counter() - started
+    lat = np.array(latencies) * 1e3
+    return {"streams": streams, "messages_per_s": len(lat) / seconds,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}  # fmt: skip
+
+
+async def first_response(target: str) -> bytes:
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.stream_stream(METHOD, request_serializer=_identity, response_deserializer=_identity)()
+        await call.write(request(["probe"], 0, np.ones(1)))
+        answer = await call.read()
+        await call.done_writing()
+        return answer
+
+
+# -- (c) many live series ---------------------------------------------------------------------------
+
+
+async def live_series(target: str, total: int, streams: int, per_message: int, measure) -> tuple[float, object]:
+    """Start `total` series (one step each) over `streams` open streams; returns (seconds, measure()).
+
+    `measure` runs while the streams are still open, i.e. while every series is live.
+    """
+    per_stream = total // streams
+    rng = np.random.default_rng(1)
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        method = channel.stream_stream(METHOD, request_serializer=_identity, response_deserializer=_identity)
+        calls = [method() for _ in range(streams)]
+
+        async def fill(k: int) -> None:
+            for start in range(0, per_stream, per_message):
+                ids = [f"live{k}-{i}" for i in range(start, min(start + per_message, per_stream))]
+                await calls[k].write(request(ids, 0, level(0, len(ids), rng)))
+                await calls[k].read()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(fill(k) for k in range(streams)))
+        seconds = time.perf_counter() - started
+        measured = measure()
+        for call in calls:
+            await call.done_writing()
+    return seconds, measured
+
+
+# -- the run -------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model-uri", default=None, help="a model directory or models:/... (default: the default config)")
+    p.add_argument("--quick", action="store_true", help="fewer messages (a smoke run)")
+    args = p.parse_args(argv)
+    scale = 0.2 if args.quick else 1.0
+    model_dir = default_model_dir() if args.model_uri is None else None
+    model = args.model_uri or str(model_dir)
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "onnxruntime": ort.__version__,
+                    "grpcio": grpc.__version__, "device": "cpu (no GPU on this machine)"},
+        "model": model,
+    }  # fmt: skip
+
+    # (a)
+    if model_dir is None:
+        raise SystemExit("(a) compares against the graph file: pass a directory to --model-uri")
+    raw = raw_ort(model_dir, 256, seconds=3 * scale)
+    rng = np.random.default_rng(0)
+    series = [f"s{i}" for i in range(256)]
+    messages = [request(series, i, level(i, 256, rng)) for i in range(int(600 * scale) + 20)]
+    server, target = start_server(model)
+    try:
+        served = asyncio.run(one_stream(target, messages, warmup=20))
+        payload = asyncio.run(first_response(target))
+        # (b), forecast server
+        totals = int(6000 * scale)
+        ours = [asyncio.run(many_streams(target, n, max(20, totals // n))) for n in (1, 16, 64, 256)]
+        # (c)
+        rss_idle, _ = server.rss_mib()
+        fill_s, (rss_live, rss_peak) = asyncio.run(live_series(target, 100_000, 4, 1000, server.rss_mib))
+    finally:
+        server_exit = server.stop()
+    results["a_one_stream_256_series"] = {
+        "server_obs_per_s": served,
+        "raw_ort_obs_per_s": raw,
+        "ratio": served / raw,
+    }
+
+    with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as f:
+        f.write(payload)
+    echo = Process(["-m", "bench.echo_server", "--payload", f.name], r"port (\d+)")
+    try:
+        bare = [asyncio.run(many_streams(f"127.0.0.1:{echo.match.group(1)}", n, max(20, totals // n)))
+                for n in (1, 16, 64, 256)]  # fmt: skip
+    finally:
+        echo.stop()
+        os.unlink(f.name)
+    results["b_one_observation_per_message"] = [
+        {**o, "echo_messages_per_s": b["messages_per_s"], "echo_p50_ms": b["p50_ms"],
+         "echo_p99_ms": b["p99_ms"], "ratio": o["messages_per_s"] / b["messages_per_s"]}
+        for o, b in zip(ours, bare)
+    ]  # fmt: skip
+    results["c_live_series"] = {"series": 100_000, "fill_seconds": fill_s, "rss_idle_mib": rss_idle,
+                                "rss_live_mib": rss_live, "rss_peak_mib": rss_peak}  # fmt: skip
+    results["server_exit_code"] = server_exit
+
+    print_table(results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "stream.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {RESULTS / 'stream.json'}")
+    return 0
+
+
+def print_table(r: dict) -> None:
+    m, a, c = r["machine"], r["a_one_stream_256_series"], r["c_live_series"]
+    print(f"\nmachine: {m['cpus']} CPUs, {m['platform']}, onnxruntime {m['onnxruntime']}, {m['device']}")
+    print("\n(a) one stream, 256 series per message            obs/s")
+    print(f"    raw ONNX Runtime, batch 256, in-process   {a['raw_ort_obs_per_s']:>10,.0f}")
+    print(f"    forecast server over gRPC                 {a['server_obs_per_s']:>10,.0f}", end="")
+    print(f"   ratio {a['ratio']:.2f}  (target >= 0.5)")
+    print("\n(b) one observation per message      server                    bare gRPC (same bytes)")
+    print("    streams      msg/s   p50 ms   p99 ms      msg/s   p50 ms   p99 ms   ratio")
+    for b in r["b_one_observation_per_message"]:
+        ours = f"{b['messages_per_s']:>10,.0f} {b['p50_ms']:>8.2f} {b['p99_ms']:>8.2f}"
+        bare = f"{b['echo_messages_per_s']:>10,.0f} {b['echo_p50_ms']:>8.2f} {b['echo_p99_ms']:>8.2f}"
+        print(f"    {b['streams']:>7} {ours} {bare}   {b['ratio']:.2f}")
+    print("    (target: ratio >= 0.7 at 64 streams)")
+    rss = f"server RSS {c['rss_live_mib']:.0f} MiB (peak {c['rss_peak_mib']:.0f}, idle {c['rss_idle_mib']:.0f})"
+    print(f"\n(c) {c['series']:,} live series: {rss}; started in {c['fill_seconds']:.1f} s  (target < 1024 MiB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
