@@ -28,7 +28,7 @@ $(STAMP): requirements/*.txt
 install: $(STAMP) protos ## create .venv from the pinned requirements and generate the gRPC stubs
 
 protos: $(STAMP) ## generate the Python gRPC stubs from protos/ (never edit them by hand)
-	@if ls protos/**/*.proto protos/*/*/*.proto >/dev/null 2>&1; then $(PY) -m serving.protogen; fi
+	$(PY) -m serving.protogen
 
 run: install ## train/register/promote the default model if needed, then serve it on $(HOST):$(PORT)
 	$(PY) -m training ensure-production --config $(CONFIG)
@@ -54,8 +54,8 @@ bench: install ## run the benchmarks in bench/ and print their tables (JSON in b
 	$(PY) -m bench
 
 docker: ## build the serving and training images
-	docker build --target serving -t streamcast-serving .
-	docker build --target training -t streamcast-training .
+	@if [ ! -f Dockerfile ]; then echo "make docker: the container images are not built yet (CONTRACT section 9, a later issue)"; exit 0; fi; \
+	docker build --target serving -t streamcast-serving . && docker build --target training -t streamcast-training .
 
 clean: ## remove the venv, generated stubs, local MLflow store and caches
 	rm -rf $(VENV) serving/_proto .pytest_cache .ruff_cache mlruns mlartifacts artifacts bench/results

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -30,12 +28,12 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
+from bench.common import RESULTS, machine, write_results
 from serving.config import RuntimeConfig
 from serving.proto import pb
 from serving.runtime import session_options
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 METHOD = "/forecast.v1.Forecaster/StreamForecast"
 START_MS, FREQ_MS = 1_388_534_400_000, 1_800_000
 
@@ -87,6 +85,11 @@ class Process:
         kib = {k: int(v.split()[0]) for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(.+)$", status, re.M)}
         return kib["VmRSS"] / 1024, kib["VmHWM"] / 1024
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far, all threads."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> int:
         self.proc.terminate()
         return self.proc.wait(30)
@@ -128,8 +131,9 @@ def level(step: int, n: int, rng: np.random.Generator) -> np.ndarray:
 # -- (a) one stream, many series per message ------------------------------------------------------
 
 
-def raw_ort(model_dir: Path, batch: int, seconds: float) -> float:
-    """Observations/s of the step graph alone, state carried between calls, same SessionOptions."""
+def raw_ort(model_dir: Path, batch: int, seconds: float) -> tuple[float, float]:
+    """Observations/s of the step graph alone, state carried between calls, same SessionOptions;
+    and CPU µs per observation."""
     session = ort.InferenceSession(
         str(model_dir / "model.onnx"),
         session_options(RuntimeConfig(device="cpu")),
@@ -139,14 +143,15 @@ def raw_ort(model_dir: Path, batch: int, seconds: float) -> float:
     shape = (int(meta["num_layers"]), batch, int(meta["hidden_size"]))
     states = {name: np.zeros(shape, np.float32) for name in (["h", "c"] if meta["cell"] == "lstm" else ["h"])}
     rng = np.random.default_rng(0)
-    steps, started = 0, time.perf_counter()
+    steps, started, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds or steps < 20:
         feeds = {"values": level(steps, batch, rng).astype(np.float32),
                  "timestamps_ms": np.full(batch, START_MS + steps * FREQ_MS, np.int64), **states}  # fmt: skip
         out = session.run(None, feeds)
         states = dict(zip(states, out[1:]))
         steps += 1
-    return steps * batch / (time.perf_counter() - started)
+    observations = steps * batch
+    return observations / (time.perf_counter() - started), (time.process_time() - cpu) / observations * 1e6
 
 
 async def one_stream(target: str, messages: list[bytes], warmup: int, window: int = 2) -> float:
@@ -185,25 +190,38 @@ async def many_streams(target: str, streams: int, per_stream: int) -> dict:
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
         method = channel.stream_stream(METHOD, request_serializer=_identity, response_deserializer=_identity)
+        calls = [method() for _ in plans]  # the same calls from warm-up to the end: no set-up cost timed
 
-        async def run(plan: list[bytes]) -> None:
-            call = method()
+        async def run(call, plan: list[bytes]) -> None:
             for m in plan:
                 t = time.perf_counter()
                 await call.write(m)
                 await call.read()
                 latencies.append(time.perf_counter() - t)
-            await call.done_writing()
-            await call.read()  # end of stream
 
-        await asyncio.gather(*(run(p[:3]) for p in plans))  # connect and warm up every stream
+        await asyncio.gather(*(run(c, p[:3]) for c, p in zip(calls, plans)))  # connect, warm up
         latencies.clear()
         started = time.perf_counter()
-        await asyncio.gather(*(run(p[3:]) for p in plans))
+        await asyncio.gather(*(run(c, p[3:]) for c, p in zip(calls, plans)))
         seconds = time.perf_counter() - started
+        for call in calls:
+            await call.done_writing()
+            await call.read()  # end of stream
     lat = np.array(latencies) * 1e3
     return {"streams": streams, "messages_per_s": len(lat) / seconds,
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}  # fmt: skip
+
+
+STREAMS = (1, 16, 64, 256)
+
+
+def measured(process: Process, target: str, streams: int, total_messages: int) -> dict:
+    """many_streams, plus the server process' CPU time per message (all its threads)."""
+    per_stream = max(20, total_messages // streams)
+    cpu = process.cpu_seconds()
+    result = asyncio.run(many_streams(target, streams, per_stream))
+    result["server_cpu_us_per_msg"] = (process.cpu_seconds() - cpu) / (streams * per_stream) * 1e6
+    return result
 
 
 async def first_response(target: str) -> bytes:
@@ -257,25 +275,27 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = default_model_dir() if args.model_uri is None else None
     model = args.model_uri or str(model_dir)
     results: dict = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "onnxruntime": ort.__version__,
-                    "grpcio": grpc.__version__, "device": "cpu (no GPU on this machine)"},
+        "setup": {"onnxruntime": ort.__version__, "grpcio": grpc.__version__, "device": "cpu (no GPU here)",
+                  "note": "client and servers share the machine's cores (and, here, other users' jobs)"},
         "model": model,
     }  # fmt: skip
 
     # (a)
     if model_dir is None:
         raise SystemExit("(a) compares against the graph file: pass a directory to --model-uri")
-    raw = raw_ort(model_dir, 256, seconds=3 * scale)
+    raw, raw_cpu_us = raw_ort(model_dir, 256, seconds=3 * scale)
     rng = np.random.default_rng(0)
     series = [f"s{i}" for i in range(256)]
     messages = [request(series, i, level(i, 256, rng)) for i in range(int(600 * scale) + 20)]
     server, target = start_server(model)
     try:
+        cpu = server.cpu_seconds()
         served = asyncio.run(one_stream(target, messages, warmup=20))
+        server_cpu_us = (server.cpu_seconds() - cpu) / (len(messages) * 256) * 1e6
         payload = asyncio.run(first_response(target))
         # (b), forecast server
         totals = int(6000 * scale)
-        ours = [asyncio.run(many_streams(target, n, max(20, totals // n))) for n in (1, 16, 64, 256)]
+        ours = [measured(server, target, n, totals) for n in STREAMS]
         # (c)
         rss_idle, _ = server.rss_mib()
         fill_s, (rss_live, rss_peak) = asyncio.run(live_series(target, 100_000, 4, 1000, server.rss_mib))
@@ -285,20 +305,22 @@ def main(argv: list[str] | None = None) -> int:
         "server_obs_per_s": served,
         "raw_ort_obs_per_s": raw,
         "ratio": served / raw,
+        "server_cpu_us_per_obs": server_cpu_us,
+        "raw_ort_cpu_us_per_obs": raw_cpu_us,
     }
 
     with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as f:
         f.write(payload)
     echo = Process(["-m", "bench.echo_server", "--payload", f.name], r"port (\d+)")
     try:
-        bare = [asyncio.run(many_streams(f"127.0.0.1:{echo.match.group(1)}", n, max(20, totals // n)))
-                for n in (1, 16, 64, 256)]  # fmt: skip
+        bare = [measured(echo, f"127.0.0.1:{echo.match.group(1)}", n, totals) for n in STREAMS]
     finally:
         echo.stop()
         os.unlink(f.name)
     results["b_one_observation_per_message"] = [
         {**o, "echo_messages_per_s": b["messages_per_s"], "echo_p50_ms": b["p50_ms"],
-         "echo_p99_ms": b["p99_ms"], "ratio": o["messages_per_s"] / b["messages_per_s"]}
+         "echo_p99_ms": b["p99_ms"], "echo_cpu_us_per_msg": b["server_cpu_us_per_msg"],
+         "ratio": o["messages_per_s"] / b["messages_per_s"]}
         for o, b in zip(ours, bare)
     ]  # fmt: skip
     results["c_live_series"] = {"series": 100_000, "fill_seconds": fill_s, "rss_idle_mib": rss_idle,
@@ -306,25 +328,28 @@ def main(argv: list[str] | None = None) -> int:
     results["server_exit_code"] = server_exit
 
     print_table(results)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "stream.json").write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {RESULTS / 'stream.json'}")
+    print(f"\nwrote {write_results('stream', results)}")
     return 0
 
 
 def print_table(r: dict) -> None:
-    m, a, c = r["machine"], r["a_one_stream_256_series"], r["c_live_series"]
-    print(f"\nmachine: {m['cpus']} CPUs, {m['platform']}, onnxruntime {m['onnxruntime']}, {m['device']}")
+    m, a, c = machine(), r["a_one_stream_256_series"], r["c_live_series"]
+    print(f"\nmachine: {m['cores']} cores, {m['cpu']}; onnxruntime {ort.__version__} on CPU (no GPU)")
     print("\n(a) one stream, 256 series per message            obs/s")
     print(f"    raw ONNX Runtime, batch 256, in-process   {a['raw_ort_obs_per_s']:>10,.0f}")
     print(f"    forecast server over gRPC                 {a['server_obs_per_s']:>10,.0f}", end="")
     print(f"   ratio {a['ratio']:.2f}  (target >= 0.5)")
-    print("\n(b) one observation per message      server                    bare gRPC (same bytes)")
-    print("    streams      msg/s   p50 ms   p99 ms      msg/s   p50 ms   p99 ms   ratio")
+    print(f"    CPU per observation: server {a['server_cpu_us_per_obs']:.2f} µs (all threads),"
+          f" raw ONNX Runtime {a['raw_ort_cpu_us_per_obs']:.2f} µs")  # fmt: skip
+    print("\n(b) one observation per message      server                        bare gRPC (same bytes)")
+    print("    streams      msg/s   p50 ms   p99 ms  cpu µs      msg/s   p50 ms   p99 ms  cpu µs   ratio")
     for b in r["b_one_observation_per_message"]:
-        ours = f"{b['messages_per_s']:>10,.0f} {b['p50_ms']:>8.2f} {b['p99_ms']:>8.2f}"
+        ours = (
+            f"{b['messages_per_s']:>10,.0f} {b['p50_ms']:>8.2f} {b['p99_ms']:>8.2f} {b['server_cpu_us_per_msg']:>7.0f}"
+        )
         bare = f"{b['echo_messages_per_s']:>10,.0f} {b['echo_p50_ms']:>8.2f} {b['echo_p99_ms']:>8.2f}"
-        print(f"    {b['streams']:>7} {ours} {bare}   {b['ratio']:.2f}")
+        print(f"    {b['streams']:>7} {ours} {bare} {b['echo_cpu_us_per_msg']:>7.0f}   {b['ratio']:.2f}")
+    print("    (cpu µs: server process CPU time per message, all threads)")
     print("    (target: ratio >= 0.7 at 64 streams)")
     rss = f"server RSS {c['rss_live_mib']:.0f} MiB (peak {c['rss_peak_mib']:.0f}, idle {c['rss_idle_mib']:.0f})"
     print(f"\n(c) {c['series']:,} live series: {rss}; started in {c['fill_seconds']:.1f} s  (target < 1024 MiB)")

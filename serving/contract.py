@@ -132,7 +132,7 @@ def check_graph(session: Any, spec: ModelSpec, kind: GraphKind, where: str) -> b
     outputs = {node.name: node for node in session.get_outputs()}
     problems = []
     optional = {"covariates"} if spec.num_covariates == 0 else set()
-    for name, node in [*inputs.items(), *outputs.items()]:
+    for name in [*inputs, *outputs]:
         if name in optional:
             continue
         if name not in expected:

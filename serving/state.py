@@ -37,7 +37,7 @@ class StateArena:
     ) -> None:
         if num_tensors not in (1, 2):
             raise ValueError(f"num_tensors must be 1 (GRU: h) or 2 (LSTM: h, c), got {num_tensors}")
-        if not 1 <= initial_capacity:
+        if initial_capacity < 1:
             raise ValueError("initial_capacity must be >= 1")
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -93,6 +93,7 @@ class StateArena:
 
     def free(self, rows: np.ndarray) -> None:
         """Give rows back. Their epoch changes so an in-flight scatter into them is dropped."""
+        rows = np.unique(rows[self.live[rows]])  # freeing twice must not put a row on the list twice
         if len(rows) == 0:
             return
         with self.lock:

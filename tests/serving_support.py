@@ -34,9 +34,7 @@ def server_config(
         port=0,
         metrics_port=0,
         grace_s=2.0,
-        source=ModelSourceConfig(
-            model_uri=model_uri, tracking_uri=tracking_uri, watch_interval_s=watch_interval_s
-        ),
+        source=ModelSourceConfig(model_uri=model_uri, tracking_uri=tracking_uri, watch_interval_s=watch_interval_s),
         runtime=RuntimeConfig(device="cpu"),
         state=replace(StateConfig(), **state),
     )
@@ -86,12 +84,6 @@ class RunningServer:
         """Run a coroutine on the server's loop and wait for it."""
         return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout)
 
-    def on_loop(self, fn: Callable[[], Any], timeout: float = 10) -> Any:
-        async def wrapper():
-            return fn()
-
-        return self.call(wrapper, timeout)
-
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
@@ -110,11 +102,7 @@ class RunningServer:
 
 
 def health_status(channel: grpc.Channel, service: str = "forecast.v1.Forecaster") -> int:
-    return (
-        health_pb2_grpc.HealthStub(channel)
-        .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-        .status
-    )
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -158,9 +146,7 @@ class OfflineModel:
 
     def __init__(self, model_dir: Path) -> None:
         self.step = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-        self.sequence = ort.InferenceSession(
-            str(model_dir / "sequence.onnx"), providers=["CPUExecutionProvider"]
-        )
+        self.sequence = ort.InferenceSession(str(model_dir / "sequence.onnx"), providers=["CPUExecutionProvider"])
         meta = self.step.get_modelmeta().custom_metadata_map
         self.layers, self.hidden = int(meta["num_layers"]), int(meta["hidden_size"])
         self.state_names = ["h", "c"] if meta["cell"] == "lstm" else ["h"]

@@ -22,6 +22,7 @@ survives into raw units.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -48,6 +49,10 @@ class ModelConfig:
     covariates: tuple[str, ...] = ()  # names, in the order of the covariate axis
     freq_ms: int = 1_800_000  # step between observations, ms
     daily_harmonics: int = 3  # sin/cos pairs of the time of day
+    # Public holidays as ISO dates ("2014-12-25"), in the clock of the timestamps. The graph flags
+    # whether today and tomorrow are holidays: a calendar fact known in advance, which matters
+    # for a day-ahead forecast as much as the weekday does.
+    holidays: tuple[str, ...] = ()
     # z = (asinh(x / value_unit) - value_loc) / value_scale; see the module docstring.
     value_unit: float = 1.0
     value_loc: float = 0.0
@@ -57,8 +62,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # Lists from YAML/JSON become tuples so the config stays hashable and frozen.
-        for name in ("quantiles", "covariates", "covariate_loc", "covariate_scale"):
+        for name in ("quantiles", "covariates", "covariate_loc", "covariate_scale", "holidays"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        # YAML reads 2014-12-25 as a date object; keep ISO strings (JSON, ONNX metadata).
+        object.__setattr__(self, "holidays", tuple(str(d) for d in self.holidays))
         if self.cell not in CELLS:
             raise ValueError(f"model.cell must be one of {CELLS}, got {self.cell!r}")
         for name in ("hidden_size", "num_layers", "horizon", "freq_ms"):
@@ -76,6 +83,11 @@ class ModelConfig:
         c = len(self.covariates)
         if self.covariate_loc and (len(self.covariate_loc) != c or len(self.covariate_scale) != c):
             raise ValueError(f"covariate_loc/covariate_scale need one entry per covariate ({c})")
+        for day in self.holidays:
+            try:
+                dt.date.fromisoformat(str(day))
+            except ValueError:
+                raise ValueError(f"model.holidays takes ISO dates like 2014-12-25, got {day!r}") from None
         if len(set(self.covariates)) != c:
             raise ValueError(f"covariate names must be unique, got {list(self.covariates)}")
 
@@ -94,10 +106,15 @@ class ModelConfig:
 
     @property
     def num_features(self) -> int:
-        # scaled value, daily sin/cos pairs, 7 weekday one-hots, covariates. No time-of-year
+        # scaled value, daily sin/cos pairs, 7 weekday one-hots, holiday today/tomorrow, covariates. No time-of-year
         # encoding: with a year or two of history it only memorises, and positions of the year
         # past the training data would be extrapolation; the recurrent state tracks the level.
-        return 1 + 2 * self.daily_harmonics + 7 + self.num_covariates
+        return 1 + 2 * self.daily_harmonics + 7 + 2 + self.num_covariates
+
+    @property
+    def holiday_days(self) -> list[int]:
+        """Holidays as days since 1970-01-01."""
+        return [(dt.date.fromisoformat(str(d)) - dt.date(1970, 1, 1)).days for d in self.holidays]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +141,8 @@ class Forecaster(nn.Module):
         self.register_buffer("cov_scale", torch.tensor(config.covariate_scale or [1.0] * c, dtype=torch.float32))
         self.register_buffer("daily_k", torch.arange(1, config.daily_harmonics + 1, dtype=torch.float32))
         self.register_buffer("weekdays", torch.arange(7, dtype=torch.int64))
+        # -1 never matches a day index: an empty calendar still gives the same feature layout.
+        self.register_buffer("holiday_days", torch.tensor(config.holiday_days or [-1], dtype=torch.int64))
 
     # -- transforms -------------------------------------------------------------------------
     def scale_values(self, values: torch.Tensor) -> torch.Tensor:
@@ -153,7 +172,10 @@ class Forecaster(nn.Module):
         week_ms = torch.remainder(timestamps_ms + EPOCH_TO_MONDAY_MS, MS_PER_WEEK)
         weekday = torch.div(week_ms, MS_PER_DAY, rounding_mode="floor")  # (B, T) in 0..6, Monday 0
         onehot = (weekday.unsqueeze(-1) == self.weekdays).to(torch.float32)  # (B, T, 7)
-        parts = [z, torch.sin(angle), torch.cos(angle), onehot]
+        day_index = torch.div(timestamps_ms, MS_PER_DAY, rounding_mode="floor").unsqueeze(-1)  # (B, T, 1)
+        today = (day_index == self.holiday_days).any(dim=-1, keepdim=True).to(torch.float32)
+        tomorrow = (day_index + 1 == self.holiday_days).any(dim=-1, keepdim=True).to(torch.float32)
+        parts = [z, torch.sin(angle), torch.cos(angle), onehot, today, tomorrow]
         if covariates is not None and self.config.num_covariates:
             parts.append((covariates - self.cov_loc) / self.cov_scale)
         return torch.cat(parts, dim=-1)

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_hourly_csv(path: Path, days: int = 70, hole_at: int | None = None) -> Path:
+def write_hourly_csv(path: Path, days: int = 50, hole_at: int | None = None) -> Path:
     """Two hourly series ('north', 'south') in long format with other column names than
     elecdemand: a daily load curve, a weekend dip, a temperature-like covariate, noise."""
     rng = np.random.default_rng(7)
@@ -41,7 +41,7 @@ def write_config(path: Path, csv: Path) -> Path:
         f"""
 data: {{source: "{csv}", timestamp_col: when, target_col: load_kw, series_col: site, covariate_cols: [temp_c], freq: 1h}}
 model: {{cell: gru, hidden_size: 32, num_layers: 1, horizon: 12, quantiles: [0.1, 0.5, 0.9]}}
-train: {{window: 96, stride: 3, batch_size: 32, max_epochs: 8, lr: 0.005, clip_norm: 1.0, patience: 3, seed: 1}}
+train: {{window: 96, stride: 2, batch_size: 32, max_epochs: 12, lr: 0.005, clip_norm: 1.0, patience: 3, seed: 1}}
 eval: {{season: 24, test_fraction: 0.2}}
 mlflow: {{experiment: e2e, registered_model: loadcast}}
 """

@@ -116,9 +116,7 @@ def cuda_active() -> bool:
 
 @pytest.mark.skipif(cuda_active(), reason="this machine has a GPU; the refusal is tested where there is none")
 def test_device_cuda_fails_clearly_without_cuda(model_dir):
-    server = ServerProcess(
-        "--model-uri", str(model_dir), "--port", "0", "--metrics-port", "-1", "--device", "cuda"
-    )
+    server = ServerProcess("--model-uri", str(model_dir), "--port", "0", "--metrics-port", "-1", "--device", "cuda")
     try:
         assert server.proc.wait(60) == 1
         server.wait_for_line(r"event=startup_failed .*--device cuda: CUDAExecutionProvider is not active")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -78,3 +79,26 @@ def test_forecasts_are_in_data_units(tmp_path, tiny_model_dir):
     # The synthetic series lives around 10 (0.55 .. 1.3 of level 10): so must its forecasts.
     assert 4.0 < float(np.median(forecast)) < 16.0
     assert (np.diff(forecast, axis=-1) >= 0).all()
+
+
+def test_holiday_calendar_is_inside_the_graphs(tmp_path):
+    """Holiday flags are computed in the graph from the timestamps: the same observation on a
+    holiday and on an ordinary day give different forecasts, in ORT exactly as in PyTorch."""
+    import torch
+
+    from training.model import Forecaster
+
+    torch.manual_seed(0)
+    model = Forecaster(replace(train_tiny("lstm", (), epochs=1).config, holidays=("2014-01-07",)))
+    export_model(model, tmp_path)
+    step = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    h = np.zeros((2, 2, 16), np.float32)
+    noon = 1_389_009_600_000  # 2014-01-06 12:00 UTC, the day before the holiday
+    feeds = {
+        "values": np.array([10.0, 10.0], np.float32),
+        "timestamps_ms": np.array([noon - 7 * 86_400_000, noon]),
+        "h": h,
+        "c": h,
+    }
+    a, b = step.run(None, feeds)[0]
+    assert not np.allclose(a, b)  # same weekday and time, but tomorrow is a holiday in the second

@@ -1,6 +1,9 @@
 """On a machine where CUDA really runs: the server uses it, keeps state on the device between
 steps (IOBinding), and still gives the CPU graph's forecasts. Skipped elsewhere."""
 
+import glob
+from dataclasses import replace
+
 import grpc
 import numpy as np
 import onnxruntime as ort
@@ -12,7 +15,8 @@ from tests.serving_support import FREQ_MS, START_MS, OfflineModel, RunningServer
 
 
 def cuda_really_active(model_dir) -> bool:
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    """CUDA EP in this onnxruntime build, an NVIDIA device, and a session that really uses it."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not glob.glob("/dev/nvidia[0-9]*"):
         return False
     try:
         session = ort.InferenceSession(
@@ -25,11 +29,12 @@ def cuda_really_active(model_dir) -> bool:
 
 @pytest.mark.cuda
 def test_cuda_streams_match_the_cpu_graph(tiny_model_dir):
+    if not glob.glob("/dev/nvidia[0-9]*"):
+        pytest.skip("no NVIDIA device here")
     model_dir = tiny_model_dir("lstm")
     if not cuda_really_active(model_dir):
         pytest.skip("CUDAExecutionProvider is not really active here")
-    config = server_config(str(model_dir))
-    config = config.__class__(**{**config.__dict__, "runtime": RuntimeConfig(device="cuda")})
+    config = replace(server_config(str(model_dir)), runtime=RuntimeConfig(device="cuda"))
     offline = OfflineModel(model_dir)
     with RunningServer(config) as server, grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.ForecasterStub(channel)
@@ -42,10 +47,7 @@ def test_cuda_streams_match_the_cpu_graph(tiny_model_dir):
         for plan in plans:
             t = {s: steps.get(s, 0) for s in plan}
             forecasts = stream.send(
-                *(
-                    {"series_id": s, "timestamp_ms": START_MS + t[s] * FREQ_MS, "value": 5.0 + t[s]}
-                    for s in plan
-                )
+                *({"series_id": s, "timestamp_ms": START_MS + t[s] * FREQ_MS, "value": 5.0 + t[s]} for s in plan)
             )
             for s, f in zip(plan, forecasts):
                 expected = offline.step_one(s, START_MS + t[s] * FREQ_MS, 5.0 + t[s])

@@ -83,7 +83,7 @@ def test_alias_moves_mid_stream(tiny_model_dir, mlflow_store, tmp_path):
 
         # A version that breaks the contract is refused; v2 keeps serving.
         register_model_dir(mlflow_store, broken_copy(lstm, tmp_path), "forecaster", alias="production")
-        wait_for(lambda: server.on_loop(lambda: bool(server.server.models._refused)))
+        wait_for(lambda: server.metric("forecast_model_refused_total") == 1)
         assert stub.GetModelInfo(pb.GetModelInfoRequest()).version == v2
         assert health_status(channel) == SERVING
         (f,) = stream.send(obs("new", 4))

@@ -53,9 +53,7 @@ def test_live_series_cap_refuses_new_series_with_resource_exhausted(tiny_model_d
         with pytest.raises(grpc.RpcError) as err:
             Stream(stub).send(obs("c", 0), obs("d", 0))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert (
-            "observation 0 (series 'c'): cannot start 2 new series: 2 series are live" in err.value.details()
-        )
+        assert "observation 0 (series 'c'): cannot start 2 new series: 2 series are live" in err.value.details()
         assert "--max-series" in err.value.details()
         first.send(obs("a", 1, end=True))  # ending a series makes room
         second = Stream(stub)

@@ -55,9 +55,7 @@ def test_two_interleaved_series_match_the_offline_step_graph(client, model_dir):
     # follow the first's state), so request order = the order a series' steps are applied.
     plan = [[("a", 0), ("b", 0)], [("b", 1), ("a", 1)], [("a", 2), ("b", 2), ("a", 3), ("b", 3)], [("a", 4)]]
     requests = [
-        client.request(
-            [{"series_id": s, "timestamp_ms": START_MS + t * FREQ_MS, "value": level(s, t)} for s, t in msg]
-        )
+        client.request([{"series_id": s, "timestamp_ms": START_MS + t * FREQ_MS, "value": level(s, t)} for s, t in msg])
         for msg in plan
     ]
     responses = list(client.calls["StreamForecast"](iter(requests), timeout=30))
@@ -142,3 +140,25 @@ def test_metrics_count_what_was_served(server, client):
     assert "forecast_batch_size_bucket" in text
     assert 'forecast_model_info{name="forecaster",provider="CPUExecutionProvider"' in text
     assert server.metric("forecast_state_bytes") > 0
+
+
+def test_large_requests_sent_back_to_back_keep_each_series_in_order(client, model_dir):
+    # 40 series per message (large enough to be pipelined: parsed and queued while the previous
+    # message runs), all messages sent before any answer is read.
+    offline = OfflineModel(model_dir)
+    series = [f"p{i}" for i in range(40)]
+    requests = [
+        client.request(
+            [
+                {"series_id": s, "timestamp_ms": START_MS + t * FREQ_MS, "value": level(s, t) + i}
+                for i, s in enumerate(series)
+            ]
+        )
+        for t in range(6)
+    ]
+    responses = list(client.calls["StreamForecast"](iter(requests), timeout=60))
+    for t, response in enumerate(responses):
+        assert [f.steps_seen for f in response.forecasts] == [t + 1] * len(series)
+        for i, (s, f) in enumerate(zip(series, response.forecasts)):
+            expected = offline.step_one(s, START_MS + t * FREQ_MS, level(s, t) + i)
+            np.testing.assert_allclose([q.values for q in f.quantiles], expected.T, atol=1e-3)

@@ -139,9 +139,7 @@ def test_backtest_metrics_on_a_toy_series():
     assert naive["mae"] == pytest.approx(1.5)
     assert naive["rmse"] == pytest.approx(math.sqrt(2.5))
     assert naive["mape"] == pytest.approx(100 * (1 / 20 + 2 / 21 + 1 / 24 + 2 / 25 + 1 / 28 + 2 / 29) / 6)
-    assert naive["smape"] == pytest.approx(
-        (200 / 39 + 400 / 40 + 200 / 47 + 400 / 48 + 200 / 55 + 400 / 56) / 6
-    )
+    assert naive["smape"] == pytest.approx((200 / 39 + 400 / 40 + 200 / 47 + 400 / 48 + 200 / 55 + 400 / 56) / 6)
     assert naive["mase"] == pytest.approx(1.5 / 4)
     # Seasonal naive (lag 4): always 4 behind.
     seasonal = result.baselines["seasonal_naive"]
@@ -153,9 +151,7 @@ def test_backtest_metrics_on_a_toy_series():
 def test_mase_scales_each_series_by_its_own_in_sample_error():
     a = 10.0 + np.arange(20)  # scale 4; naive errors 1, 2 at every origin
     b = np.concatenate([10.0 + 3 * np.arange(10), np.full(10, 40.0)])  # scale 12; naive errors 3, 3, then 0
-    result = backtest(
-        dataset(a, b), trend_forecast, quantiles=QUANTILES, horizon=2, season=4, test_fraction=0.5
-    )
+    result = backtest(dataset(a, b), trend_forecast, quantiles=QUANTILES, horizon=2, season=4, test_fraction=0.5)
     naive = result.baselines["naive"]
     assert naive["mae"] == pytest.approx((9 + 6) / 12)
     # a: (1 + 2) / 4 per origin; b: (3 + 3) / 12 at its first origin. Pooled over 12 points = 1/6,

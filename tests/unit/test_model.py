@@ -23,7 +23,7 @@ def test_calendar_features_from_epoch_ms():
     m = model(daily_harmonics=1)
     ts = torch.tensor([[MONDAY_2014_01_06 + 6 * 3_600_000, MONDAY_2014_01_06 + 5 * 86_400_000 + 18 * 3_600_000]])
     f = m.features(torch.tensor([[10.0, 10.0]]), ts, None)[0]  # (T, F): z, sin, cos, 7 weekday one-hots
-    assert f.shape == (2, 1 + 2 + 7)
+    assert f.shape == (2, 1 + 2 + 7 + 2)  # + holiday today, holiday tomorrow
     assert f[0, 1].item() == pytest.approx(1.0, abs=1e-6)  # 06:00 -> a quarter of the day
     assert f[1, 1].item() == pytest.approx(-1.0, abs=1e-6)  # 18:00
     assert f[0, 3:].argmax().item() == 0 and f[1, 3:].argmax().item() == 5  # Monday, Saturday
@@ -81,3 +81,14 @@ def test_state_carries_history():
 def test_config_errors_say_what_is_wrong(kw, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**kw)
+
+
+def test_holiday_flags_for_today_and_tomorrow():
+    m = model(daily_harmonics=1, holidays=("2014-01-07",))
+    day = 86_400_000
+    ts = torch.tensor([[MONDAY_2014_01_06 + 23 * 3_600_000, MONDAY_2014_01_06 + day + 1, MONDAY_2014_01_06 + 2 * day]])
+    f = m.features(torch.full((1, 3), 10.0), ts, None)[0]
+    today, tomorrow = f[:, 10], f[:, 11]  # after z, sin, cos and the 7 weekdays
+    assert today.tolist() == [0.0, 1.0, 0.0] and tomorrow.tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="ISO dates"):
+        ModelConfig(holidays=("25/12/2014",))

@@ -1,113 +1,90 @@
-"""MicroBatcher: concurrent steps become one call, results go back to the right caller in order."""
+"""MicroBatcher: work submitted together is processed as one batch; each caller gets its own
+result (or its own error), in arrival order."""
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 from serving.batcher import MicroBatcher
 
 
 class Recorder:
-    """A stand-in step function: forecast = value * 10 + row; records each call's rows."""
+    """A stand-in `process`: records each batch; item "bad" fails alone; result = item * 10."""
 
-    def __init__(self, delay_s: float = 0.0):
-        self.calls: list[list[int]] = []
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.batches: list[list] = []
         self.delay_s = delay_s
 
-    def __call__(self, rows, values, ts, cov):
-        import time
-
-        self.calls.append(rows.tolist())
-        time.sleep(self.delay_s)
-        out = (values * 10 + rows)[:, None, None]  # [B, horizon=1, Q=1]
-        return out.astype(np.float32)
+    async def __call__(self, items):
+        self.batches.append(list(items))
+        await asyncio.sleep(self.delay_s)
+        return [ValueError(f"{i} is bad") if i == "bad" else i * 10 for i in items]
 
 
-def step_args(rows, values):
-    rows = np.array(rows, np.int64)
-    return (
-        rows,
-        np.array(values, np.float32),
-        np.zeros(len(rows), np.int64),
-        np.zeros((len(rows), 0), np.float32),
-    )
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-def test_steps_submitted_together_run_as_one_call_and_keep_their_order():
+def test_items_arriving_while_a_batch_runs_go_together_in_the_next_one():
     rec = Recorder(delay_s=0.05)
 
     async def main():
-        with ThreadPoolExecutor(1) as ex:
-            b = MicroBatcher(rec, ex, max_batch_size=64)
-            first = asyncio.ensure_future(b.step(*step_args([0], [1.0])))  # runs alone...
-            await asyncio.sleep(0.01)
-            # ...while it runs, three streams queue up; they go together in the next call
-            rest = await asyncio.gather(*(b.step(*step_args([r, r + 10], [r, r])) for r in (1, 2, 3)))
-            await first
-            await b.close()
-            return first.result(), rest
+        b = MicroBatcher(rec, max_batch_size=64)
+        first = asyncio.ensure_future(b.submit(1, 1))  # runs alone...
+        await asyncio.sleep(0.01)
+        rest = await asyncio.gather(*(b.submit(i, 2) for i in (2, 3, 4)))  # ...these queue meanwhile
+        await b.close()
+        return await first, rest
 
-    first, rest = run(main())
-    assert rec.calls == [[0], [1, 11, 2, 12, 3, 13]]
-    assert first[:, 0, 0].tolist() == [10.0]
-    for r, out in zip((1, 2, 3), rest):
-        assert out[:, 0, 0].tolist() == [r * 10 + r, r * 10 + r + 10]
+    first, rest = asyncio.run(main())
+    assert rec.batches == [[1], [2, 3, 4]]
+    assert (first, rest) == (10, [20, 30, 40])
 
 
-def test_max_batch_size_splits_large_requests_and_bounds_calls():
+def test_max_batch_size_bounds_a_batch_but_an_oversized_item_goes_alone():
+    rec = Recorder(delay_s=0.02)
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=4)
+        blocker = asyncio.ensure_future(b.submit(0, 1))
+        await asyncio.sleep(0.005)
+        out = await asyncio.gather(*(b.submit(i, size) for i, size in ((1, 3), (2, 2), (3, 9), (4, 1))))
+        await blocker
+        await b.close()
+        return out
+
+    assert asyncio.run(main()) == [10, 20, 30, 40]
+    assert rec.batches == [[0], [1], [2], [3], [4]]  # 3+2 > 4; 9 alone; arrival order kept
+
+
+def test_delay_gathers_items_arriving_within_it():
     rec = Recorder()
 
     async def main():
-        with ThreadPoolExecutor(1) as ex:
-            b = MicroBatcher(rec, ex, max_batch_size=4)
-            out = await b.step(*step_args(range(10), [1.0] * 10))
-            await b.close()
-            return out
+        b = MicroBatcher(rec, max_batch_size=64, max_batch_delay_s=0.05)
+        a = asyncio.ensure_future(b.submit(1, 1))
+        await asyncio.sleep(0.01)  # within the delay of the first
+        c = asyncio.ensure_future(b.submit(2, 1))
+        await asyncio.gather(a, c)
+        await b.close()
 
-    out = run(main())
-    assert max(len(c) for c in rec.calls) <= 4
-    assert sorted(r for c in rec.calls for r in c) == list(range(10))
-    assert out[:, 0, 0].tolist() == [10.0 + r for r in range(10)]  # in the caller's order
-
-
-def test_delay_gathers_steps_arriving_within_it():
-    rec = Recorder()
-
-    async def main():
-        with ThreadPoolExecutor(1) as ex:
-            b = MicroBatcher(rec, ex, max_batch_size=64, max_batch_delay_s=0.05)
-            a = asyncio.ensure_future(b.step(*step_args([0], [1.0])))
-            await asyncio.sleep(0.01)  # arrives within the delay of the first
-            c = asyncio.ensure_future(b.step(*step_args([1], [1.0])))
-            await asyncio.gather(a, c)
-            await b.close()
-
-    run(main())
-    assert rec.calls == [[0, 1]]
+    asyncio.run(main())
+    assert rec.batches == [[1, 2]]
 
 
-def test_a_failing_call_fails_its_callers_and_the_batcher_carries_on():
+def test_a_bad_item_fails_alone_and_a_failing_batch_does_not_stop_the_batcher():
     calls = []
 
-    def flaky(rows, values, ts, cov):
-        calls.append(rows.tolist())
-        if len(calls) == 1:
+    async def process(items):
+        calls.append(items)
+        if len(calls) == 2:
             raise RuntimeError("boom")
-        return np.zeros((len(rows), 1, 1), np.float32)
+        return [ValueError("bad") if i == "bad" else i for i in items]
 
     async def main():
-        with ThreadPoolExecutor(1) as ex:
-            b = MicroBatcher(flaky, ex, max_batch_size=8)
-            with pytest.raises(RuntimeError, match="boom"):
-                await b.step(*step_args([0], [1.0]))
-            out = await b.step(*step_args([1], [1.0]))
-            await b.close()
-            return out
+        b = MicroBatcher(process, max_batch_size=8)
+        ok, bad = await asyncio.gather(b.submit("ok", 1), b.submit("bad", 1), return_exceptions=True)
+        with pytest.raises(RuntimeError, match="boom"):
+            await b.submit("x", 1)
+        after = await b.submit("after", 1)
+        await b.close()
+        return ok, bad, after
 
-    assert run(main()).shape == (1, 1, 1)
+    ok, bad, after = asyncio.run(main())
+    assert ok == "ok" and isinstance(bad, ValueError) and after == "after"

@@ -8,9 +8,7 @@ from serving.state import StateArena
 
 
 def arena(initial: int = 2, cap: int = 16, tensors: int = 2) -> StateArena:
-    return StateArena(
-        num_layers=2, hidden_size=3, num_tensors=tensors, initial_capacity=initial, max_capacity=cap
-    )
+    return StateArena(num_layers=2, hidden_size=3, num_tensors=tensors, initial_capacity=initial, max_capacity=cap)
 
 
 def test_new_rows_start_from_zero_state_even_when_reused():

@@ -1,67 +1,64 @@
-"""Request checks: each error says what was wrong and where (index, series id)."""
+"""Request checks: each error says what was wrong and where (request index, series id), and in a
+batch shared by several requests only the request at fault is refused."""
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from serving import validation
-from serving.domain import History, Observations
+from serving.domain import History
 from serving.errors import InvalidInput
 
 
-def obs(ids, values=None, counts=None, cov=None):
-    n = len(ids)
-    return Observations(
-        series_ids=list(ids),
-        timestamps_ms=np.arange(n, dtype=np.int64),
-        values=np.array(values if values is not None else [1.0] * n, np.float32),
-        covariates=np.array(cov or [], np.float32),
-        covariate_counts=np.array(counts or [0] * n, np.int64),
-        reset=np.zeros(n, bool),
-        end=np.zeros(n, bool),
+def chunk(ids, positions=None):
+    return SimpleNamespace(series_ids=ids, index=np.array(positions or range(len(ids))))
+
+
+def check(chunks, values, ts, last_ts, covariates, c=0, names=()):
+    sizes = [len(ch.series_ids) for ch in chunks]
+    counts = np.array([len(r) for r in covariates], np.int64)
+    flat = np.array([v for r in covariates for v in r], np.float32)
+    errors = validation.check_batch(
+        chunks, sizes, np.array(values, np.float32), np.array(ts, np.int64), np.array(last_ts, np.int64),
+        counts, flat, c, names,
+    )  # fmt: skip
+    return [None if e is None else str(e) for e in errors]
+
+
+def test_each_problem_is_blamed_on_its_own_request():
+    chunks = [chunk(["a", "b"]), chunk(["c"]), chunk(["d", "e"], [3, 7]), chunk(["f"])]
+    errors = check(
+        chunks,
+        values=[1, np.nan, 2, 3, 4, 5],
+        ts=[10, 10, 10, 10, 5, 10],
+        last_ts=[0, 0, 0, 0, 5, 0],
+        covariates=[[], [], [], [], [], [1.0]],
     )
+    assert errors[0] == "observation 1 (series 'b'): value is nan; values must be finite numbers"
+    assert errors[1] is None
+    assert errors[2].startswith("observation 7 (series 'e'): timestamp_ms 5 is not after the series' previous")
+    assert errors[3] == "observation 0 (series 'f'): 1 covariates given, the model takes none"
 
 
-@pytest.mark.parametrize(
-    ("request_obs", "message"),
-    [
-        (obs(["a", "b", "c"], values=[1, np.nan, 2]), r"observation 1 \(series 'b'\): value is nan"),
-        (obs(["a", "b"], values=[np.inf, 1]), r"observation 0 \(series 'a'\): value is inf"),
-        (obs(["a", ""]), "observation 1: series_id is empty"),
-        (
-            obs(["a", "b"], counts=[1, 1], cov=[0.0, np.nan]),
-            r"observation 1 \(series 'b'\): covariates contain nan",
-        ),
-    ],
-)
-def test_bad_observations_are_named(request_obs, message):
-    with pytest.raises(InvalidInput, match=message):
-        validation.check_observations(request_obs)
+def test_covariates_count_and_finiteness():
+    chunks = [chunk(["a", "b"]), chunk(["c"])]
+    errors = check(chunks, [1, 1, 1], [1, 1, 1], [0, 0, 0], [[1, 2], [1, np.inf], [1]], c=2, names=("t", "w"))
+    assert errors == [
+        "observation 1 (series 'b'): covariates must be finite numbers",
+        "observation 0 (series 'c'): 1 covariates given, the model takes 2 (t, w)",
+    ]
 
 
-def test_covariate_count_must_match_the_model():
-    o = obs(["a", "b"], counts=[2, 1], cov=[1, 2, 3])
-    validation.check_covariate_counts(o.covariate_counts, np.array([0]), o.series_ids, 2, ("t", "w"))
-    with pytest.raises(
-        InvalidInput, match=r"observation 1 \(series 'b'\): 1 covariates given, the model takes 2"
-    ):
-        validation.check_covariate_counts(o.covariate_counts, np.array([0, 1]), o.series_ids, 2, ("t", "w"))
-    with pytest.raises(InvalidInput, match="the model has no covariates"):
-        validation.check_covariate_counts(o.covariate_counts, np.array([0]), o.series_ids, 0, ())
-
-
-def test_timestamps_must_increase_within_a_series():
-    ts = np.array([10, 20, 30], np.int64)
-    validation.check_increasing(ts, np.array([5, 19]), np.array([0, 1]), ["a", "b", "c"])
-    with pytest.raises(
-        InvalidInput, match=r"observation 2 \(series 'c'\): timestamp_ms 30 is not after .* 30"
-    ):
-        validation.check_increasing(ts, np.array([5, 30]), np.array([0, 2]), ["a", "b", "c"])
+def test_empty_series_id():
+    validation.check_series_ids(["a", "b"])
+    with pytest.raises(InvalidInput, match="observation 1: series_id is empty"):
+        validation.check_series_ids(["a", "", "c"])
 
 
 def test_occurrence_waves_keep_request_order_per_series():
-    assert [w.tolist() for w in validation.occurrence_waves(["a", "b", "c"])] == [[0, 1, 2]]
-    waves = validation.occurrence_waves(["a", "b", "a", "a", "c", "b"])
-    assert [w.tolist() for w in waves] == [[0, 1, 4], [2, 5], [3]]
+    assert validation.occurrence_waves(["a", "b", "c"]) is None
+    assert validation.occurrence_waves(["a", "b", "a", "a", "c", "b"]) == [[0, 1, 4], [2, 5], [3]]
 
 
 def history(values, ts=None, cov=()):

@@ -1,0 +1,102 @@
+"""Micro-batching: work submitted by many streams is processed together, in arrival order.
+
+Each stream submits its request's steps for one model version as one item of some size (rows).
+One dispatcher task per model version takes what is pending -- items in arrival order, up to
+`max_batch_size` rows (an item larger than that goes alone) -- and hands the list to `process`,
+which returns one result or exception per item; each waiting stream gets its own.
+
+Batching is opportunistic: while a batch is processed, new items pile up and go together in the
+next one, so batches grow with load without adding latency when idle. `max_batch_delay_s` > 0
+adds a wait for more rows when the dispatcher is idle (asyncio timers round sub-millisecond
+waits up to ~1 ms on Linux).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+# process(items) -> one result (or exception instance) per item, in the same order
+Process = Callable[[list[Any]], Awaitable[Sequence[Any]]]
+
+
+class MicroBatcher:
+    def __init__(self, process: Process, max_batch_size: int, max_batch_delay_s: float = 0.0) -> None:
+        self._process = process
+        self._max = max_batch_size
+        self._delay = max_batch_delay_s
+        self._pending: deque[tuple[Any, int, asyncio.Future, float]] = deque()
+        self._pending_rows = 0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    @property
+    def pending_rows(self) -> int:
+        return self._pending_rows
+
+    async def submit(self, item: Any, size: int) -> Any:
+        """Queue an item of `size` rows; returns its result (or raises its exception)."""
+        if self._closed:
+            raise RuntimeError("batcher is closed")
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._dispatch(), name="micro-batcher")
+        future = loop.create_future()
+        self._pending.append((item, size, future, time.monotonic()))
+        self._pending_rows += size
+        self._wake.set()
+        return await future
+
+    async def close(self) -> None:
+        """Stop the dispatcher after the pending items are processed."""
+        self._closed = True
+        if self._task is not None:
+            self._wake.set()
+            await self._task
+
+    def _take(self) -> list[tuple[Any, int, asyncio.Future, float]]:
+        taken, rows = [], 0
+        while self._pending and (not taken or rows + self._pending[0][1] <= self._max):
+            entry = self._pending.popleft()
+            rows += entry[1]
+            taken.append(entry)
+        self._pending_rows -= rows
+        return taken
+
+    async def _wait_for_more(self) -> None:
+        remaining = self._pending[0][3] + self._delay - time.monotonic()
+        while remaining > 0 and self._pending_rows < self._max:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+            remaining = self._pending[0][3] + self._delay - time.monotonic()
+
+    async def _dispatch(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._delay > 0 and self._pending_rows < self._max:
+                await self._wait_for_more()
+            taken = self._take()
+            try:
+                results = await self._process([entry[0] for entry in taken])
+            except Exception as exc:  # a failed batch fails its items; the dispatcher carries on
+                results = [exc] * len(taken)
+            for (_, _, future, _), result in zip(taken, results):
+                if future.done():  # a cancelled stream no longer waits
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)

@@ -1,0 +1,128 @@
+"""`python -m serving`: parse flags and environment into ServerConfig, then run the server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from serving.config import DEVICES, BatchConfig, ModelSourceConfig, RuntimeConfig, ServerConfig, StateConfig
+from serving.logs import setup_logging
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def parser() -> argparse.ArgumentParser:
+    d_server, d_batch, d_state, d_rt = ServerConfig(), BatchConfig(), StateConfig(), RuntimeConfig()
+    p = argparse.ArgumentParser(prog="python -m serving", description="Streaming forecast gRPC server.")
+    a = p.add_argument
+    a(
+        "--model-uri",
+        default=ModelSourceConfig().model_uri,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a directory with model.onnx and sequence.onnx",
+    )
+    a("--model-name", default=None, help="name reported for a local directory (default: forecaster)")
+    a(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    a(
+        "--watch-interval-s",
+        type=float,
+        default=ModelSourceConfig().watch_interval_s,
+        help="seconds between checks of the registry alias; 0 disables",
+    )
+    a("--host", default=d_server.host)
+    a("--port", type=int, default=d_server.port, help="gRPC port; 0 picks a free one")
+    a(
+        "--metrics-port",
+        type=int,
+        default=d_server.metrics_port,
+        help="Prometheus port; 0 picks a free one, -1 disables",
+    )
+    a(
+        "--device",
+        choices=DEVICES,
+        default=d_rt.device,
+        help="auto: CUDA when really usable, else CPU; cuda: fail unless CUDA runs",
+    )
+    a("--intra-op-threads", type=int, default=d_rt.intra_op_threads, help="ONNX Runtime threads per call")
+    a("--max-batch-size", type=int, default=d_batch.max_batch_size, help="rows per ONNX Runtime step call")
+    a(
+        "--max-batch-delay-us",
+        type=int,
+        default=d_batch.max_batch_delay_us,
+        help="extra wait for more rows when idle, microseconds (0: batch only what is queued)",
+    )
+    a(
+        "--max-series",
+        type=int,
+        default=d_state.max_series,
+        help="cap on live series; past it, new series are refused with RESOURCE_EXHAUSTED",
+    )
+    a(
+        "--idle-timeout-s",
+        type=float,
+        default=d_state.idle_timeout_s,
+        help="free a series not stepped for this long (seconds)",
+    )
+    a(
+        "--initial-state-rows",
+        type=int,
+        default=d_state.initial_capacity,
+        help="state rows preallocated per model version (doubles as needed)",
+    )
+    a(
+        "--max-message-bytes",
+        type=int,
+        default=d_server.max_receive_message_bytes,
+        help="largest request message accepted; larger ones get RESOURCE_EXHAUSTED",
+    )
+    a("--grace-s", type=float, default=d_server.grace_s, help="seconds in-flight RPCs get on SIGTERM")
+    a("--log-level", default="INFO")
+    a("--log-format", choices=("kv", "json"), default="kv")
+    return p  # fmt: skip
+
+
+def config_from(args: argparse.Namespace, environ: dict[str, str]) -> ServerConfig:
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        max_receive_message_bytes=args.max_message_bytes,
+        grace_s=args.grace_s,
+        source=ModelSourceConfig(
+            model_uri=args.model_uri,
+            watch_interval_s=args.watch_interval_s,
+            tracking_uri=args.tracking_uri or environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+            model_name=args.model_name,
+        ),
+        runtime=RuntimeConfig(device=args.device, intra_op_threads=args.intra_op_threads),
+        batch=BatchConfig(max_batch_size=args.max_batch_size, max_batch_delay_us=args.max_batch_delay_us),
+        state=StateConfig(
+            max_series=args.max_series,
+            idle_timeout_s=args.idle_timeout_s,
+            initial_capacity=args.initial_state_rows,
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        config = config_from(args, dict(os.environ))
+    except ValueError as exc:
+        parser().error(str(exc))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per event in logs
+    logging.getLogger("serving").info("event=config %s", config)
+    from serving.server import serve  # after logging is set up: importing stubs may regenerate them
+
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

