@@ -90,6 +90,10 @@ def test_fit_on_unseen_csv_beats_seasonal_naive_and_registers(tmp_path):
     assert str(client.get_model_version_by_alias("loadcast", "production").version) == "1"
     assert str(client.get_model_version_by_alias("loadcast", "candidate").version) == "1"
 
+    # `make run`'s first step finds the production version and trains nothing.
+    proc = run_cli("ensure-production", "--config", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 0 and "loadcast@production is version 1; nothing to train" in proc.stdout
+
     # A --set override reaches the run's params; the same data, trained worse, is not promoted.
     proc = run_cli(
         "fit", "--config", str(cfg), "--set", "train.max_epochs=1", "--set", "train.lr=0.0001",

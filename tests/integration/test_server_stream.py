@@ -12,20 +12,7 @@ from tests.serving_support import (
     START_MS,
     OfflineModel,
     ReflectionClient,
-    RunningServer,
-    server_config,
 )
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir):
-    return tiny_model_dir("lstm")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    with RunningServer(server_config(str(model_dir))) as s:
-        yield s
 
 
 @pytest.fixture
