@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from training.model import Forecaster
+from training.model import MS_PER_DAY, Forecaster
 
 log = logging.getLogger(__name__)
 # The exporters narrate every pass at INFO and warn about torchvision ops we never use.
@@ -283,4 +283,17 @@ def check_parity(model: Forecaster, step_path: Path, sequence_path: Path) -> dic
                 note("alone_vs_batched", _err(one[0], seq_out[0][1:2]))
                 for a, b in zip(one[1:], seq_out[1:]):
                     note("alone_vs_batched", _err(a, b[:, 1:2]))
+    # Calendar edges: midnights (and 1 ms either side) on random days and on the days around
+    # each holiday, where a float32 division in a graph would put the day boundary minutes off.
+    days = [
+        *rng.integers(16_000, 20_000, size=32).tolist(),
+        *(d + k for d in model.config.holiday_days for k in (-1, 0, 1, 2)),
+    ]
+    edges = np.array([d * MS_PER_DAY + offset for d in days for offset in (-1, 0, 1)], np.int64)
+    feeds = {**example_inputs(model, len(edges), None, rng), "timestamps_ms": edges}
+    for a, b in zip(step.run(None, feeds), _torch_run(model, feeds, step=True)):
+        note("step_ort_vs_torch", _err(a, b))
+    seq_feeds = {k: (v[:, None] if k in ("values", "timestamps_ms", "covariates") else v) for k, v in feeds.items()}
+    for a, b in zip(seq.run(None, seq_feeds), _torch_run(model, seq_feeds, step=False)):
+        note("sequence_ort_vs_torch", _err(a, b))
     return worst

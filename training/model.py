@@ -140,9 +140,10 @@ class Forecaster(nn.Module):
         self.register_buffer("cov_loc", torch.tensor(config.covariate_loc or [0.0] * c, dtype=torch.float32))
         self.register_buffer("cov_scale", torch.tensor(config.covariate_scale or [1.0] * c, dtype=torch.float32))
         self.register_buffer("daily_k", torch.arange(1, config.daily_harmonics + 1, dtype=torch.float32))
-        self.register_buffer("weekdays", torch.arange(7, dtype=torch.int64))
-        # -1 never matches a day index: an empty calendar still gives the same feature layout.
-        self.register_buffer("holiday_days", torch.tensor(config.holiday_days or [-1], dtype=torch.int64))
+        self.register_buffer("weekday_start_ms", torch.arange(7, dtype=torch.int64) * MS_PER_DAY)
+        # An empty calendar gets one day no timestamp reaches, so the feature layout stays the same.
+        days = torch.tensor(config.holiday_days or [-(10**9)], dtype=torch.int64)
+        self.register_buffer("holiday_start_ms", days * MS_PER_DAY)
 
     # -- transforms -------------------------------------------------------------------------
     def scale_values(self, values: torch.Tensor) -> torch.Tensor:
@@ -169,12 +170,15 @@ class Forecaster(nn.Module):
         z = self.scale_values(values).unsqueeze(-1)  # (B, T, 1)
         day = torch.remainder(timestamps_ms, MS_PER_DAY).to(torch.float32) / MS_PER_DAY
         angle = (2.0 * math.pi) * day.unsqueeze(-1) * self.daily_k  # (B, T, K)
-        week_ms = torch.remainder(timestamps_ms + EPOCH_TO_MONDAY_MS, MS_PER_WEEK)
-        weekday = torch.div(week_ms, MS_PER_DAY, rounding_mode="floor")  # (B, T) in 0..6, Monday 0
-        onehot = (weekday.unsqueeze(-1) == self.weekdays).to(torch.float32)  # (B, T, 7)
-        day_index = torch.div(timestamps_ms, MS_PER_DAY, rounding_mode="floor").unsqueeze(-1)  # (B, T, 1)
-        today = (day_index == self.holiday_days).any(dim=-1, keepdim=True).to(torch.float32)
-        tomorrow = (day_index + 1 == self.holiday_days).any(dim=-1, keepdim=True).to(torch.float32)
+        # Weekday and holidays by comparing int64 ms against day boundaries, never by dividing:
+        # exporters lower int64 division through float32, which misplaces midnight by minutes.
+        week_ms = torch.remainder(timestamps_ms + EPOCH_TO_MONDAY_MS, MS_PER_WEEK).unsqueeze(-1)  # (B, T, 1)
+        onehot = ((week_ms >= self.weekday_start_ms) & (week_ms < self.weekday_start_ms + MS_PER_DAY)).to(torch.float32)
+        ts = timestamps_ms.unsqueeze(-1)  # (B, T, 1) against (K,) holiday starts
+        start = self.holiday_start_ms
+        today = ((ts >= start) & (ts < start + MS_PER_DAY)).any(dim=-1, keepdim=True).to(torch.float32)
+        later = ts + MS_PER_DAY
+        tomorrow = ((later >= start) & (later < start + MS_PER_DAY)).any(dim=-1, keepdim=True).to(torch.float32)
         parts = [z, torch.sin(angle), torch.cos(angle), onehot, today, tomorrow]
         if covariates is not None and self.config.num_covariates:
             parts.append((covariates - self.cov_loc) / self.cov_scale)

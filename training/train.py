@@ -222,7 +222,16 @@ def train_model(
     result = TrainResult()
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     started = time.perf_counter()
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    # Redrawn at most every 2 s when stderr is a log file rather than a terminal.
+    bar = tqdm(
+        total=total,
+        desc="train",
+        unit="step",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.1 if sys.stderr.isatty() else 2.0,
+    )
     try:
         for epoch in range(1, cfg.max_epochs + 1):
             model.train()

@@ -82,23 +82,23 @@ def test_forecasts_are_in_data_units(tmp_path, tiny_model_dir):
 
 
 def test_holiday_calendar_is_inside_the_graphs(tmp_path):
-    """Holiday flags are computed in the graph from the timestamps: the same observation on a
-    holiday and on an ordinary day give different forecasts, in ORT exactly as in PyTorch."""
+    """Holiday and weekday flags are computed in the graphs from int64 ms, exactly at midnight
+    too (an exporter's float32 division once put the day boundary minutes off)."""
     import torch
 
+    from training.export import _torch_run
     from training.model import Forecaster
 
     torch.manual_seed(0)
-    model = Forecaster(replace(train_tiny("lstm", (), epochs=1).config, holidays=("2014-01-07",)))
-    export_model(model, tmp_path)
+    model = Forecaster(replace(train_tiny("lstm", (), epochs=1).config, holidays=("2014-04-25",))).eval()
+    export_model(model, tmp_path)  # includes the calendar-edge parity checks
     step = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    h = np.zeros((2, 2, 16), np.float32)
-    noon = 1_389_009_600_000  # 2014-01-06 12:00 UTC, the day before the holiday
-    feeds = {
-        "values": np.array([10.0, 10.0], np.float32),
-        "timestamps_ms": np.array([noon - 7 * 86_400_000, noon]),
-        "h": h,
-        "c": h,
-    }
-    a, b = step.run(None, feeds)[0]
-    assert not np.allclose(a, b)  # same weekday and time, but tomorrow is a holiday in the second
+    midnight = 1_398_470_400_000  # 2014-04-26 00:00 UTC, the day after the holiday
+    ts = np.array([midnight - 1_800_000, midnight, midnight + 1, midnight - 7 * 86_400_000], np.int64)
+    h = np.zeros((2, 4, 16), np.float32)
+    feeds = {"values": np.full(4, 10.0, np.float32), "timestamps_ms": ts, "h": h, "c": h}
+    got = step.run(None, feeds)[0]
+    np.testing.assert_allclose(got, _torch_run(model, feeds, step=True)[0], rtol=1e-5, atol=1e-5)
+    flags = model.features(torch.full((4, 1), 10.0), torch.from_numpy(ts)[:, None], None)[:, 0, -2:]
+    assert flags.tolist() == [[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]  # holiday only until midnight
+    assert not np.allclose(got[0], got[1])
