@@ -55,8 +55,8 @@ class ExportReport:
         return max(self.parity.values(), default=0.0)
 
 
-def input_names(model: Forecaster, sequence: bool = False) -> list[str]:
-    del sequence  # same names for both graphs; only the shapes differ
+def input_names(model: Forecaster) -> list[str]:
+    """The graphs' inputs, in order; the same for both graphs (only the shapes differ)."""
     names = ["values", "timestamps_ms"]
     if model.config.num_covariates:
         names.append("covariates")

@@ -252,7 +252,7 @@ def train_model(
                 norms.append(norm)
                 clipped += was_clipped
                 bar.update()
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", refresh=False)
             val_loss = evaluate_loss(model, val_w, cfg, quantiles)
             metrics = {
                 "train_loss": float(np.mean(losses)),
