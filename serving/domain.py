@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.contract import ModelSpec
+
 
 @dataclass
 class Observations:
@@ -71,17 +73,9 @@ class ForecastGroup:
 
 @dataclass(frozen=True)
 class ModelDescription:
-    """What GetModelInfo reports."""
+    """What GetModelInfo reports: the served version and its graphs' spec."""
 
     name: str
     version: str
-    cell: str
-    horizon: int
-    quantiles: tuple[float, ...]
-    freq_ms: int
-    covariates: tuple[str, ...]
     execution_provider: str
-    num_layers: int
-    hidden_size: int
-    target: str
-    mlflow_run_id: str
+    spec: ModelSpec

@@ -126,11 +126,7 @@ class LoadedModel:
         return self.ort.provider
 
     def describe(self) -> ModelDescription:
-        s = self.spec
-        return ModelDescription(
-            self.name, self.version, s.cell, s.horizon, s.quantiles, s.freq_ms, s.covariates,
-            self.provider, s.num_layers, s.hidden_size, s.target, s.mlflow_run_id,
-        )  # fmt: skip
+        return ModelDescription(self.name, self.version, self.provider, self.spec)
 
     async def sequence(self, values: np.ndarray, timestamps_ms: np.ndarray, covariates: np.ndarray) -> np.ndarray:
         """Run the sequence graph on [B, T] histories from zero state -> forecast [B, horizon, Q].

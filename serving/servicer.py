@@ -174,11 +174,12 @@ class ForecasterServicer:
         except Exception as exc:
             await self._abort(context, "GetModelInfo", exc)
         self._metrics.requests.labels("GetModelInfo", "OK").inc()
+        s = d.spec
         return pb.ModelInfo(
-            name=d.name, version=d.version, cell=d.cell, horizon=d.horizon, quantiles=d.quantiles,
-            freq_ms=d.freq_ms, covariates=d.covariates, execution_provider=d.execution_provider,
-            num_layers=d.num_layers, hidden_size=d.hidden_size, target=d.target,
-            mlflow_run_id=d.mlflow_run_id,
+            name=d.name, version=d.version, cell=s.cell, horizon=s.horizon, quantiles=s.quantiles,
+            freq_ms=s.freq_ms, covariates=s.covariates, execution_provider=d.execution_provider,
+            num_layers=s.num_layers, hidden_size=s.hidden_size, target=s.target,
+            mlflow_run_id=s.mlflow_run_id,
         )  # fmt: skip
 
 

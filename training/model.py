@@ -100,11 +100,6 @@ class ModelConfig:
         return len(self.covariates)
 
     @property
-    def median_index(self) -> int:
-        """Index of the quantile used as the point forecast: 0.5 if present, else the middle one."""
-        return self.quantiles.index(0.5) if 0.5 in self.quantiles else len(self.quantiles) // 2
-
-    @property
     def num_features(self) -> int:
         # scaled value, daily sin/cos pairs, 7 weekday one-hots, holiday today/tomorrow, covariates. No time-of-year
         # encoding: with a year or two of history it only memorises, and positions of the year

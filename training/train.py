@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -310,8 +310,6 @@ def forecast_series(model: Forecaster, series) -> np.ndarray:
 
 def build_model(config: ModelConfig, series: Sequence, seed: int) -> Forecaster:
     """A fresh model whose scaling statistics come from the given (training) series."""
-    from dataclasses import replace
-
     stats = fit_scaling(
         [s.values for s in series], [np.asarray(s.covariates).reshape(len(s.values), -1) for s in series]
     )
