@@ -1,9 +1,13 @@
 """Micro-batching: work submitted by many streams is processed together, in arrival order.
 
-Each stream submits its request's steps for one model version as one item of some size (rows).
-One dispatcher task per model version takes what is pending -- items in arrival order, up to
-`max_batch_size` rows (an item larger than that goes alone) -- and hands the list to `process`,
-which returns one result or exception per item; each waiting stream gets its own.
+Each stream submits its request's steps for one model version as one item of some size (rows),
+tagged with an owner (the stream). One dispatcher task per model version takes what is pending --
+items in arrival order, up to `max_batch_size` rows (an item larger than that goes alone), and
+never two items of one owner, so a stream's later request sees the state its earlier one wrote --
+and hands the list to `process`, which returns one result or exception per item; each waiting
+stream gets its own. A stream may therefore queue its next requests while one is being stepped:
+the next batch is ready the moment the ORT call ends. Items whose future was cancelled (their
+stream went away) are dropped unprocessed.
 
 Batching is opportunistic: while a batch is processed, new items pile up and go together in the
 next one, so batches grow with load without adding latency when idle. `max_batch_delay_s` > 0
@@ -28,7 +32,7 @@ class MicroBatcher:
         self._process = process
         self._max = max_batch_size
         self._delay = max_batch_delay_s
-        self._pending: deque[tuple[Any, int, asyncio.Future, float]] = deque()
+        self._pending: deque[tuple[Any, int, asyncio.Future, float, object]] = deque()
         self._pending_rows = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -38,8 +42,12 @@ class MicroBatcher:
     def pending_rows(self) -> int:
         return self._pending_rows
 
-    async def submit(self, item: Any, size: int) -> Any:
-        """Queue an item of `size` rows; returns its result (or raises its exception)."""
+    def enqueue(self, item: Any, size: int, owner: object = None) -> asyncio.Future:
+        """Queue an item of `size` rows now; the future gets its result (or its exception).
+
+        Items are processed in the order they were queued. Items of the same (non-None) owner
+        never share a batch. Cancelling the future before its batch starts drops the item.
+        """
         if self._closed:
             raise RuntimeError("batcher is closed")
         loop = asyncio.get_running_loop()
@@ -47,10 +55,14 @@ class MicroBatcher:
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._dispatch(), name="micro-batcher")
         future = loop.create_future()
-        self._pending.append((item, size, future, time.monotonic()))
+        self._pending.append((item, size, future, time.monotonic(), owner))
         self._pending_rows += size
         self._wake.set()
-        return await future
+        return future
+
+    async def submit(self, item: Any, size: int, owner: object = None) -> Any:
+        """Queue an item and wait for its result (or raise its exception)."""
+        return await self.enqueue(item, size, owner)
 
     async def close(self) -> None:
         """Stop the dispatcher after the pending items are processed."""
@@ -59,13 +71,22 @@ class MicroBatcher:
             self._wake.set()
             await self._task
 
-    def _take(self) -> list[tuple[Any, int, asyncio.Future, float]]:
-        taken, rows = [], 0
-        while self._pending and (not taken or rows + self._pending[0][1] <= self._max):
-            entry = self._pending.popleft()
-            rows += entry[1]
+    def _take(self) -> list[tuple[Any, int, asyncio.Future, float, object]]:
+        taken, rows, owners = [], 0, set()
+        pending = self._pending
+        while pending:
+            _, size, future, _, owner = entry = pending[0]
+            if future.done():  # cancelled: nobody waits for it
+                pending.popleft()
+                self._pending_rows -= size
+                continue
+            if taken and (rows + size > self._max or (owner is not None and owner in owners)):
+                break
+            pending.popleft()
+            self._pending_rows -= size
+            rows += size
+            owners.add(owner)
             taken.append(entry)
-        self._pending_rows -= rows
         return taken
 
     async def _wait_for_more(self) -> None:
@@ -89,11 +110,13 @@ class MicroBatcher:
             if self._delay > 0 and self._pending_rows < self._max:
                 await self._wait_for_more()
             taken = self._take()
+            if not taken:
+                continue
             try:
                 results = await self._process([entry[0] for entry in taken])
             except Exception as exc:  # a failed batch fails its items; the dispatcher carries on
                 results = [exc] * len(taken)
-            for (_, _, future, _), result in zip(taken, results):
+            for (_, _, future, _, _), result in zip(taken, results):
                 if future.done():  # a cancelled stream no longer waits
                     continue
                 if isinstance(result, BaseException):

@@ -46,19 +46,18 @@ class DeviceResidentStepper:
         self,
         arena: StateArena,
         rows: np.ndarray,
+        epochs: np.ndarray,
         values: np.ndarray,
         timestamps_ms: np.ndarray,
         covariates: np.ndarray,
     ) -> np.ndarray:
+        """As OrtModel.step; `epochs` are the rows' epochs when the step was asked for."""
         res = self._resident
-        with arena.lock:
-            current_epochs = arena.epoch[rows]
-        if res is not None and np.array_equal(res.rows, rows) and np.array_equal(res.epochs, current_epochs):
+        if res is not None and np.array_equal(res.rows, rows) and np.array_equal(res.epochs, epochs):
             state_inputs = res.values
-            epochs = res.epochs
         else:
             self.flush(arena)
-            host_states, epochs = arena.gather(rows)
+            host_states, _ = arena.gather(rows)
             state_inputs = [
                 ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(s), "cuda", self._device_id) for s in host_states
             ]

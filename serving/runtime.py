@@ -134,17 +134,20 @@ class OrtModel:
         self,
         arena: StateArena,
         rows: np.ndarray,
+        epochs: np.ndarray,
         values: np.ndarray,
         timestamps_ms: np.ndarray,
         covariates: np.ndarray,
     ) -> np.ndarray:
         """One step of the series in `rows`: values [B], timestamps_ms [B], covariates [B, C].
 
-        Reads their state from the arena and writes it back; returns forecast [B, horizon, Q].
+        Reads their state from the arena and writes it back into the rows whose epoch is still
+        `epochs` (the series' epochs when the step was asked for: a row freed, or freed and handed
+        to another series, meanwhile is left alone); returns forecast [B, horizon, Q].
         """
         if self._device is not None:
-            return self._device.step(arena, rows, values, timestamps_ms, covariates)
-        states, epochs = arena.gather(rows)
+            return self._device.step(arena, rows, epochs, values, timestamps_ms, covariates)
+        states, _ = arena.gather(rows)
         feeds = {"values": values, "timestamps_ms": timestamps_ms}
         if self.step_has_cov:
             feeds["covariates"] = covariates
@@ -185,7 +188,7 @@ class OrtModel:
             values = np.ones(batch, np.float32)
             ts = np.full(batch, timestamp_ms, np.int64)
             cov = np.zeros((batch, spec.num_covariates), np.float32)
-            step_fc = self.step(arena, rows, values, ts, cov)
+            step_fc = self.step(arena, rows, arena.epoch[rows], values, ts, cov)
             self.flush(arena)
             arena.free(rows)
             seq_fc = self.sequence(

@@ -26,10 +26,6 @@ from serving.wire import ForecastEncoder
 
 log = logging.getLogger(__name__)
 
-# A request this large is stepped in its own task, so the next one is parsed and queued (and the
-# previous answer encoded) while its ORT call runs; smaller ones are stepped in line, where a
-# task would cost more than the overlap gains.
-PIPELINE_MIN_OBSERVATIONS = 32
 PIPELINE_DEPTH = 2  # requests of one stream queued behind the one being answered
 DRAINING_MESSAGE = "server is shutting down; reconnect (series state on this server is gone)"
 
@@ -140,20 +136,21 @@ class ForecasterServicer:
     async def _read(
         self, requests: AsyncIterator[pb.StreamRequest], session: StreamSession, inflight: asyncio.Queue
     ) -> None:
-        """Parse requests and start their steps; None marks the end of the client's stream."""
+        """Parse requests and queue their steps; None marks the end of the client's stream.
+
+        Each request's steps are queued as soon as it is parsed (the session keeps them in
+        order), so the next request's ORT call can start the moment the current one ends, while
+        this loop encodes answers and parses requests."""
         loop = asyncio.get_running_loop()
         try:
             async for request in requests:
                 started = time.perf_counter()
                 obs = observations_from(request)
-                if len(obs) >= PIPELINE_MIN_OBSERVATIONS:
-                    step = loop.create_task(session.step(obs, request.model))
-                else:  # too small to gain from overlapping: no task, step it here
+                try:
+                    step = session.submit(obs, request.model)
+                except Exception as exc:  # refused before anything was queued
                     step = loop.create_future()
-                    try:
-                        step.set_result(await session.step(obs, request.model))
-                    except Exception as exc:
-                        step.set_exception(exc)
+                    step.set_exception(exc)
                 await inflight.put((step, started, len(obs)))
         except Exception as exc:  # reading failed: hand the error to the writer, in order
             failed = loop.create_future()

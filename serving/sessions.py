@@ -6,7 +6,16 @@ is written -- and each wave goes to the micro-batcher of each model version it t
 chunk (usually: one wave, one version, one chunk). Per observation this costs a dict lookup;
 the numpy work (checks, state gather/scatter, ORT) happens once per batch, for all streams.
 
+`submit` queues a request's chunks at once, without waiting for earlier requests of the stream:
+the batcher keeps a stream's chunks in order and never puts two of them in one batch, so each
+step sees the state the previous one wrote, while the next request's batch is ready the moment
+the current ORT call ends. The bookkeeping is done at submission, in request order: a series
+that ends (or is reset) leaves the stream's table at once, so a later request starting it again
+gets a fresh row; its old row is freed only when the request that retired it is answered (the
+steps queued before it still use that row).
+
 Errors end the stream (gRPC status), which frees its series; other streams never see them.
+A chunk whose series were freed while it waited (its stream went away) is dropped unprocessed.
 """
 
 from __future__ import annotations
@@ -33,31 +42,78 @@ class StreamSession:
     def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
         self._series: dict[str, SeriesRef] = {}
-        self._order = asyncio.Lock()  # one request at a time: a series' steps stay in order
+        self._retiring: dict[int, list[SeriesRef]] = {}  # request number -> rows freed when it is answered
+        self._requests = 0
 
     @property
     def live(self) -> int:
         return len(self._series)
 
-    async def step(self, obs: Observations, model_name: str = "") -> list[ForecastGroup]:
-        """Advance each observed series one step; the groups cover every request position once.
+    def submit(self, obs: Observations, model_name: str = "") -> asyncio.Future:
+        """Queue one step of each observed series now; the future gets the forecast groups, which
+        cover every request position once (or the first error of the request).
 
-        Requests of a stream may be handed in before the previous one is answered; they are
-        applied one after the other, in the order given.
+        Requests are applied in the order they are submitted, each after the previous one.
+        Raises right away for problems found before anything is queued (unknown model, empty
+        series id, live-series cap).
         """
         self._plane.models.get(model_name)  # unknown model or none loaded yet: refuse up front
         validation.check_series_ids(obs.series_ids)
         waves = validation.occurrence_waves(obs.series_ids)
-        async with self._order:
-            if waves is None:
-                return await self._step_wave(obs, None)
-            groups: list[ForecastGroup] = []
-            for positions in waves:
-                groups.extend(await self._step_wave(obs, positions))
-            return groups
+        self._requests += 1
+        key = self._requests
+        retired = self._retiring[key] = []
+        futures: list[asyncio.Future] = []
+        try:
+            for positions in waves or (None,):
+                futures += self._submit_wave(obs, positions, retired)
+        except BaseException:
+            for f in futures:
+                f.cancel()  # not started yet: the batcher drops them
+            self._release(self._retiring.pop(key))
+            raise
+        return self._gather(futures, key)
 
-    async def _step_wave(self, obs: Observations, positions: list[int] | None) -> list[ForecastGroup]:
-        """Step the observations at `positions` (None: all of them), whose series are distinct."""
+    async def step(self, obs: Observations, model_name: str = "") -> list[ForecastGroup]:
+        """submit() and wait for the answer."""
+        return await self.submit(obs, model_name)
+
+    def _gather(self, futures: list[asyncio.Future], key: int) -> asyncio.Future:
+        """One future for the request's chunk futures; retired rows are freed once all are done."""
+        result = asyncio.get_running_loop().create_future()
+        remaining = len(futures)
+
+        def chunk_done(_: asyncio.Future) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining:
+                return
+            self._release(self._retiring.pop(key, []))
+            if result.done():  # cancelled by the stream
+                return
+            for f in futures:
+                if f.cancelled():
+                    result.cancel()
+                    return
+                if f.exception() is not None:
+                    result.set_exception(f.exception())
+                    return
+            result.set_result([f.result() for f in futures])
+
+        def result_done(r: asyncio.Future) -> None:
+            if r.cancelled():
+                for f in futures:
+                    f.cancel()
+
+        for f in futures:
+            f.add_done_callback(chunk_done)
+        result.add_done_callback(result_done)
+        return result
+
+    def _submit_wave(
+        self, obs: Observations, positions: list[int] | None, retired: list[SeriesRef]
+    ) -> list[asyncio.Future]:
+        """Queue the observations at `positions` (None: all of them), whose series are distinct."""
 
         def pick(column: Sequence) -> Sequence:
             return column if positions is None else [column[i] for i in positions]
@@ -68,7 +124,7 @@ class StreamSession:
         resets = pick(obs.reset)
         if any(resets):
             fresh = [k for k, (ref, reset) in enumerate(zip(refs, resets)) if ref is None or reset]
-            self._drop([ids[k] for k in fresh if refs[k] is not None])  # a reset starts afresh
+            retired += [self._series.pop(ids[k]) for k in fresh if refs[k] is not None]  # a reset starts afresh
         else:
             fresh = [k for k, ref in enumerate(refs) if ref is None]
         now = time.monotonic()
@@ -90,25 +146,26 @@ class StreamSession:
                 lists.setdefault(ref[0], []).append(k)
             parts = lists
         values, ts, cov = pick(obs.values), pick(obs.timestamps_ms), pick(obs.covariates)
-        submits = []
+        futures = []
         for model, ks in parts.items():
 
             def sub(column: Sequence, ks: list[int] | None = ks) -> Sequence:
                 return column if ks is None else [column[k] for k in ks]
 
-            rows = [ref[1] for ref in sub(refs)]
-            model.arena.last_used[rows] = now  # in use: the idle sweeper must not take these rows
+            rows = np.fromiter([ref[1] for ref in sub(refs)], np.int64)
+            arena = model.arena
+            arena.last_used[rows] = now  # in use: the idle sweeper must not take these rows
             chunk = StepChunk(
                 index=index if ks is None else index[ks],
-                series_ids=sub(ids), rows=rows, timestamps_ms=sub(ts), values=sub(values), covariates=sub(cov),
+                series_ids=sub(ids), rows=rows, epochs=arena.epoch[rows], timestamps_ms=sub(ts),
+                values=sub(values), covariates=sub(cov),
             )  # fmt: skip
-            submits.append(model.batcher.submit(chunk, len(rows)))
-        groups = [await submits[0]] if len(submits) == 1 else list(await asyncio.gather(*submits))
+            futures.append(model.batcher.enqueue(chunk, len(rows), self))
 
         ends = pick(obs.end)
-        if any(ends):
-            self._drop([sid for sid, end in zip(ids, ends) if end])
-        return groups
+        if any(ends):  # answered, then freed: later requests start these series afresh
+            retired += [self._series.pop(sid) for sid, end in zip(ids, ends) if end and sid in self._series]
+        return futures
 
     def forget(self, series_id: str, model: LoadedModel, row: int) -> bool:
         """Drop a series whose row the idle sweeper is freeing; True if it was still ours."""
@@ -119,12 +176,13 @@ class StreamSession:
         return False
 
     def close(self) -> None:
-        """Free every series of the stream (stream ended, failed or was cancelled)."""
+        """Free every series of the stream (stream ended, failed or was cancelled), including
+        rows retired by requests still in flight: their chunks are then dropped unprocessed."""
         refs, self._series = list(self._series.values()), {}
+        for retired in self._retiring.values():
+            refs += retired
+        self._retiring.clear()
         self._release(refs)
-
-    def _drop(self, series_ids: list[str]) -> None:
-        self._release([self._series.pop(sid) for sid in series_ids])
 
     def _release(self, refs: list[SeriesRef]) -> None:
         by_model: dict[LoadedModel, list[int]] = {}

@@ -1,7 +1,9 @@
 """One ORT step for a batch of stream requests of one model version.
 
 The micro-batcher hands `StepProcessor` the chunks (one request's steps each) that arrived
-together; it checks them all at once -- with numpy over the whole batch, attributing each
+together; it drops chunks whose series were freed while they waited (each chunk carries its
+rows' epochs from when it was queued, and the state is written back only into rows still
+holding those epochs), checks the rest all at once -- with numpy over the whole batch, attributing each
 problem to its chunk -- runs the step graph once on the rows that passed (gather state rows ->
 run -> scatter `h_out`/`c_out` back, on the version's executor thread), advances the series'
 bookkeeping, and gives every chunk its slice of one shared StepBatch. A chunk with bad input gets
@@ -22,11 +24,11 @@ import numpy as np
 from serving import validation
 from serving.contract import ModelSpec
 from serving.domain import ForecastGroup, StepBatch
-from serving.errors import InvalidInput
+from serving.errors import ServingError, StatePreconditionFailed
 from serving.state import StateArena
 
-# step(rows [B], values [B], timestamps_ms [B], covariates [B, C]) -> forecast [B, horizon, Q]
-StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# step(rows [B], epochs [B], values [B], timestamps_ms [B], covariates [B, C]) -> forecast [B, horizon, Q]
+StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 BatchObserver = Callable[[int, float], None]  # (rows in the ORT call, seconds it took)
 
 _chain = itertools.chain.from_iterable
@@ -42,7 +44,8 @@ class StepChunk:
 
     index: np.ndarray  # int64 [n], positions in the request
     series_ids: Sequence[str]
-    rows: Sequence[int]  # state rows in the version's arena
+    rows: np.ndarray  # int64 [n], state rows in the version's arena
+    epochs: np.ndarray  # int64 [n], the rows' epochs when the chunk was queued
     timestamps_ms: Sequence[int]
     values: Sequence[float]
     covariates: Sequence[Sequence[float]]  # per observation
@@ -62,23 +65,35 @@ class StepProcessor:
         self._step, self._arena, self._spec, self._version = step, arena, spec, version
         self._executor, self._max, self._observe = executor, max_batch_size, observe
 
-    async def __call__(self, chunks: list[StepChunk]) -> list[ForecastGroup | InvalidInput]:
+    async def __call__(self, chunks: list[StepChunk]) -> list[ForecastGroup | ServingError]:
+        arena = self._arena
+        if all((arena.epoch[c.rows] == c.epochs).all() for c in chunks):
+            return await self._process(chunks)
+        # Some series were freed while their chunk waited (the stream went away): nobody waits
+        # for those chunks, and their rows may already belong to other series.
+        live = [(arena.epoch[c.rows] == c.epochs).all() for c in chunks]
+        done = iter(await self._process([c for c, ok in zip(chunks, live) if ok]) if any(live) else ())
+        gone = StatePreconditionFailed("the stream's series were freed before this step ran")
+        return [next(done) if ok else gone for ok in live]
+
+    async def _process(self, chunks: list[StepChunk]) -> list[ForecastGroup | ServingError]:
         spec, arena = self._spec, self._arena
         sizes = [len(c.series_ids) for c in chunks]
         total = sum(sizes)
         ts = np.fromiter(_chain(c.timestamps_ms for c in chunks), np.int64, total)
         values = np.fromiter(_chain(c.values for c in chunks), np.float32, total)
-        rows = np.fromiter(_chain(c.rows for c in chunks), np.int64, total)
+        rows = np.concatenate([c.rows for c in chunks])
+        epochs = np.concatenate([c.epochs for c in chunks])
         counts = np.fromiter((len(r) for c in chunks for r in c.covariates), np.int64, total)
         flat_cov = np.fromiter(_chain(_chain(c.covariates for c in chunks)), np.float32, int(counts.sum()))
 
         errors = validation.check_batch(
             chunks, sizes, values, ts, arena.last_ts[rows], counts, flat_cov, spec.num_covariates, spec.covariates
         )
-        results: list[ForecastGroup | InvalidInput] = list(errors)
+        results: list[ForecastGroup | ServingError] = list(errors)
         if any(e is not None for e in errors):  # leave the refused chunks out of the ORT call
             keep_rows = np.repeat([e is None for e in errors], sizes)
-            ts, values, rows = ts[keep_rows], values[keep_rows], rows[keep_rows]
+            ts, values, rows, epochs = ts[keep_rows], values[keep_rows], rows[keep_rows], epochs[keep_rows]
             flat_cov = flat_cov[np.repeat(keep_rows, counts)] if flat_cov.size else flat_cov
             chunks = [c for c, e in zip(chunks, errors) if e is None]
             if not chunks:
@@ -87,10 +102,10 @@ class StepProcessor:
 
         started = time.perf_counter()
         if len(rows) <= INLINE_MAX_ROWS:  # a hand-off to the executor thread costs more than this call
-            forecast = self._run(rows, values, ts, cov)
+            forecast = self._run(rows, epochs, values, ts, cov)
         else:  # ORT releases the GIL: the loop parses and queues the next requests meanwhile
             loop = asyncio.get_running_loop()
-            forecast = await loop.run_in_executor(self._executor, self._run, rows, values, ts, cov)
+            forecast = await loop.run_in_executor(self._executor, self._run, rows, epochs, values, ts, cov)
         if self._observe is not None:
             self._observe(len(rows), time.perf_counter() - started)
         steps = arena.record_steps(rows, ts, time.monotonic())
@@ -112,14 +127,15 @@ class StepProcessor:
                 offset += len(chunk.series_ids)
         return results
 
-    def _run(self, rows: np.ndarray, values: np.ndarray, ts: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    def _run(
+        self, rows: np.ndarray, epochs: np.ndarray, values: np.ndarray, ts: np.ndarray, cov: np.ndarray
+    ) -> np.ndarray:
         """On the executor thread: ORT calls of at most max_batch_size rows."""
         if len(rows) <= self._max:
-            return self._step(rows, values, ts, cov)
+            return self._step(rows, epochs, values, ts, cov)
+        m = self._max
         parts = [
-            self._step(
-                rows[i : i + self._max], values[i : i + self._max], ts[i : i + self._max], cov[i : i + self._max]
-            )
-            for i in range(0, len(rows), self._max)
+            self._step(rows[i : i + m], epochs[i : i + m], values[i : i + m], ts[i : i + m], cov[i : i + m])
+            for i in range(0, len(rows), m)
         ]
         return np.concatenate(parts)

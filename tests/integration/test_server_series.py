@@ -94,3 +94,45 @@ def test_a_covariate_model_uses_them_and_checks_their_count(tiny_model_dir):
         ).forecasts
         expected = offline.run_sequence(ts, values, cov)
         np.testing.assert_allclose([q.values for q in f.quantiles], expected.T, atol=1e-3)
+
+
+def test_a_step_queued_for_series_freed_meanwhile_never_touches_their_rows(tiny_model_dir):
+    # A stream that goes away leaves steps queued in the batcher; its rows may already belong to
+    # new series by the time the batch runs. Those steps are dropped, the new owners untouched.
+    import asyncio
+
+    from serving.config import BatchConfig, RuntimeConfig, StateConfig
+    from serving.errors import StatePreconditionFailed
+    from serving.model_store import LoadedModel
+    from serving.runtime import OrtModel
+    from serving.stepper import StepChunk
+
+    model_dir = tiny_model_dir()
+    ort_model = OrtModel(model_dir / "model.onnx", model_dir / "sequence.onnx", RuntimeConfig(device="cpu"))
+    loaded = LoadedModel("m", "1", ort_model, BatchConfig(), StateConfig())
+    arena = loaded.arena
+
+    def chunk(rows, t, ids):
+        rows = np.asarray(rows, np.int64)
+        n = len(rows)
+        return StepChunk(
+            index=np.arange(n), series_ids=ids, rows=rows, epochs=arena.epoch[rows].copy(),
+            timestamps_ms=[START_MS + t * FREQ_MS] * n, values=[4.0] * n, covariates=[()] * n,
+        )  # fmt: skip
+
+    async def main():
+        old = arena.alloc(["gone-a", "gone-b"], 0.0)
+        await loaded.batcher.submit(chunk(old, 0, ["a", "b"]), 2)
+        queued = chunk(old, 1, ["a", "b"])  # queued before its stream closed...
+        arena.free(old)  # ...the stream closes...
+        new = arena.alloc(["new-a", "new-b"], 0.0)  # ...and the rows go to new series
+        assert sorted(new.tolist()) == sorted(old.tolist())
+        with pytest.raises(StatePreconditionFailed, match="freed before this step ran"):
+            await loaded.batcher.submit(queued, 2)
+        state = [s[:, new, :].copy() for s in arena.states]
+        await loaded.close()
+        return state, new
+
+    state, new = asyncio.run(main())
+    assert all(not s.any() for s in state)  # the new series still hold zero state
+    assert arena.steps_seen[new].tolist() == [0, 0]

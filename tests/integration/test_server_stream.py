@@ -149,3 +149,36 @@ def test_large_requests_sent_back_to_back_keep_each_series_in_order(client, mode
         for i, (s, f) in enumerate(zip(series, response.forecasts)):
             expected = offline.step_one(s, START_MS + t * FREQ_MS, level(s, t) + i)
             np.testing.assert_allclose([q.values for q in f.quantiles], expected.T, atol=1e-3)
+
+
+def test_end_and_reset_between_requests_queued_back_to_back(client, model_dir):
+    # Every request is queued before the previous one is answered (the session submits each
+    # request's steps as soon as it is parsed): a series ended in one request must start afresh
+    # in the next, a reset must not disturb the step queued before it, and neighbours carry on.
+    offline, fresh = OfflineModel(model_dir), OfflineModel(model_dir)
+    series = [f"q{i}" for i in range(40)]  # above the inline size: ORT runs on the executor thread
+
+    def obs(s, t, **kw):
+        return {"series_id": s, "timestamp_ms": START_MS + t * FREQ_MS, "value": level(s, t), **kw}
+
+    plan = [
+        [obs(s, 0) for s in series],
+        [obs(s, 1, end=s == "q0") for s in series],
+        [obs(s, 2) if s != "q0" else obs(s, 0) for s in series],  # q0 again: a new series
+        [obs(s, 3, reset=s == "q1") if s != "q0" else obs(s, 1) for s in series],  # q1 restarts at t=3
+    ]
+    responses = list(client.calls["StreamForecast"](iter(client.request(p) for p in plan), timeout=60))
+    steps = [{f.series_id: f.steps_seen for f in r.forecasts} for r in responses]
+    assert [s["q0"] for s in steps] == [1, 2, 1, 2]
+    assert [s["q1"] for s in steps] == [1, 2, 3, 1]
+    assert [s["q2"] for s in steps] == [1, 2, 3, 4]
+    for t in range(4):
+        for f in responses[t].forecasts:
+            s = f.series_id
+            if s == "q0" and t >= 2:
+                expected = fresh.step_one("q0-again", START_MS + (t - 2) * FREQ_MS, level(s, t - 2))
+            elif s == "q1" and t == 3:
+                expected = fresh.step_one("q1-again", START_MS + 3 * FREQ_MS, level(s, 3))
+            else:
+                expected = offline.step_one(s, START_MS + t * FREQ_MS, level(s, t))
+            np.testing.assert_allclose([q.values for q in f.quantiles], expected.T, atol=1e-3, err_msg=f"{s} t={t}")

@@ -88,3 +88,39 @@ def test_a_bad_item_fails_alone_and_a_failing_batch_does_not_stop_the_batcher():
 
     ok, bad, after = asyncio.run(main())
     assert ok == "ok" and isinstance(bad, ValueError) and after == "after"
+
+
+def test_items_of_one_owner_never_share_a_batch_and_keep_their_order():
+    rec = Recorder(delay_s=0.02)
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=64)
+        blocker = b.enqueue(0, 1)
+        await asyncio.sleep(0.005)
+        # queued while the blocker runs: stream A's second request must wait for the next batch,
+        # and nothing queued after it may jump ahead of it
+        futures = [b.enqueue(1, 1, "A"), b.enqueue(2, 1, "B"), b.enqueue(3, 1, "A"), b.enqueue(4, 1, "C")]
+        out = await asyncio.gather(blocker, *futures)
+        await b.close()
+        return out
+
+    assert asyncio.run(main()) == [0, 10, 20, 30, 40]
+    assert rec.batches == [[0], [1, 2], [3, 4]]
+
+
+def test_a_cancelled_item_is_dropped_before_its_batch():
+    rec = Recorder(delay_s=0.02)
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=64)
+        blocker = b.enqueue(0, 1)
+        await asyncio.sleep(0.005)
+        gone, kept = b.enqueue(1, 5), b.enqueue(2, 1)
+        gone.cancel()  # its stream went away while it waited
+        out = await asyncio.gather(blocker, kept)
+        rows = b.pending_rows
+        await b.close()
+        return out, rows
+
+    assert asyncio.run(main()) == ([0, 20], 0)
+    assert rec.batches == [[0], [2]]
