@@ -60,9 +60,7 @@ class StreamSession:
         self._plane.models.get(model_name)  # unknown model or none loaded yet: refuse up front
         validation.check_series_ids(obs.series_ids)
         waves = validation.occurrence_waves(obs.series_ids)
-        self._requests += 1
-        key = self._requests
-        retired = self._retiring[key] = []
+        retired: list[SeriesRef] = []  # rows to free once this request is answered
         futures: list[asyncio.Future] = []
         try:
             for positions in waves or (None,):
@@ -70,13 +68,26 @@ class StreamSession:
         except BaseException:
             for f in futures:
                 f.cancel()  # not started yet: the batcher drops them
-            self._release(self._retiring.pop(key))
+            self._retire_later(retired)  # earlier requests may still use these rows: freed at close
             raise
-        return self._gather(futures, key)
+        if len(futures) == 1 and not retired:  # the usual case: the chunk's future is the answer
+            return futures[0]
+        if not futures:  # an empty request: an empty answer
+            done = asyncio.get_running_loop().create_future()
+            done.set_result([])
+            return done
+        return self._gather(futures, self._retire_later(retired))
 
     async def step(self, obs: Observations, model_name: str = "") -> list[ForecastGroup]:
         """submit() and wait for the answer."""
         return await self.submit(obs, model_name)
+
+    def _retire_later(self, refs: list[SeriesRef]) -> int:
+        """Keep refs to free later (by key, or at close); returns the key."""
+        self._requests += 1
+        if refs:
+            self._retiring[self._requests] = refs
+        return self._requests
 
     def _gather(self, futures: list[asyncio.Future], key: int) -> asyncio.Future:
         """One future for the request's chunk futures; retired rows are freed once all are done."""
@@ -98,7 +109,7 @@ class StreamSession:
                 if f.exception() is not None:
                     result.set_exception(f.exception())
                     return
-            result.set_result([f.result() for f in futures])
+            result.set_result([group for f in futures for group in f.result()])
 
         def result_done(r: asyncio.Future) -> None:
             if r.cancelled():

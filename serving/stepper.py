@@ -65,7 +65,7 @@ class StepProcessor:
         self._step, self._arena, self._spec, self._version = step, arena, spec, version
         self._executor, self._max, self._observe = executor, max_batch_size, observe
 
-    async def __call__(self, chunks: list[StepChunk]) -> list[ForecastGroup | ServingError]:
+    async def __call__(self, chunks: list[StepChunk]) -> list[list[ForecastGroup] | ServingError]:
         arena = self._arena
         if all((arena.epoch[c.rows] == c.epochs).all() for c in chunks):
             return await self._process(chunks)
@@ -76,7 +76,7 @@ class StepProcessor:
         gone = StatePreconditionFailed("the stream's series were freed before this step ran")
         return [next(done) if ok else gone for ok in live]
 
-    async def _process(self, chunks: list[StepChunk]) -> list[ForecastGroup | ServingError]:
+    async def _process(self, chunks: list[StepChunk]) -> list[list[ForecastGroup] | ServingError]:
         spec, arena = self._spec, self._arena
         sizes = [len(c.series_ids) for c in chunks]
         total = sum(sizes)
@@ -90,7 +90,7 @@ class StepProcessor:
         errors = validation.check_batch(
             chunks, sizes, values, ts, arena.last_ts[rows], counts, flat_cov, spec.num_covariates, spec.covariates
         )
-        results: list[ForecastGroup | ServingError] = list(errors)
+        results: list[list[ForecastGroup] | ServingError] = list(errors)
         if any(e is not None for e in errors):  # leave the refused chunks out of the ORT call
             keep_rows = np.repeat([e is None for e in errors], sizes)
             ts, values, rows, epochs = ts[keep_rows], values[keep_rows], rows[keep_rows], epochs[keep_rows]
@@ -123,7 +123,7 @@ class StepProcessor:
         for i, error in enumerate(errors):
             if error is None:
                 chunk = next(done)
-                results[i] = ForecastGroup(chunk.index, batch, offset)
+                results[i] = [ForecastGroup(chunk.index, batch, offset)]
                 offset += len(chunk.series_ids)
         return results
 

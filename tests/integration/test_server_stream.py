@@ -163,11 +163,13 @@ def test_end_and_reset_between_requests_queued_back_to_back(client, model_dir):
 
     plan = [
         [obs(s, 0) for s in series],
+        [],  # an empty request gets an empty answer, in its place
         [obs(s, 1, end=s == "q0") for s in series],
         [obs(s, 2) if s != "q0" else obs(s, 0) for s in series],  # q0 again: a new series
         [obs(s, 3, reset=s == "q1") if s != "q0" else obs(s, 1) for s in series],  # q1 restarts at t=3
     ]
     responses = list(client.calls["StreamForecast"](iter(client.request(p) for p in plan), timeout=60))
+    assert len(responses) == len(plan) and not responses.pop(1).forecasts
     steps = [{f.series_id: f.steps_seen for f in r.forecasts} for r in responses]
     assert [s["q0"] for s in steps] == [1, 2, 1, 2]
     assert [s["q1"] for s in steps] == [1, 2, 3, 1]
