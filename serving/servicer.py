@@ -26,6 +26,8 @@ from serving.wire import ForecastEncoder
 
 log = logging.getLogger(__name__)
 
+# From a stream's first request this large on, its next requests are read ahead (see StreamForecast).
+PIPELINE_MIN_OBSERVATIONS = 32
 PIPELINE_DEPTH = 2  # requests of one stream queued behind the one being answered
 DRAINING_MESSAGE = "server is shutting down; reconnect (series state on this server is gone)"
 
@@ -84,23 +86,42 @@ class ForecasterServicer:
     async def StreamForecast(
         self, requests: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        """Answer each request in order, pipelined: while one request's ORT step runs, the next
-        one is parsed and queued and the previous answer is encoded (the session keeps each
-        series' steps in order)."""
+        """Answer each request in order.
+
+        A stream starts serial -- read a request, queue its steps, answer, read the next -- which
+        costs the least per message for small requests. From its first request of
+        PIPELINE_MIN_OBSERVATIONS or more, a reader task reads ahead instead: the next request is
+        parsed and its steps queued while the current one runs in ORT and the previous answer is
+        encoded (the session keeps each series' steps in order).
+        """
         session = self._plane.open_stream()
         handler = asyncio.current_task()
-        inflight: asyncio.Queue = asyncio.Queue(PIPELINE_DEPTH)
-        reader = asyncio.create_task(self._read(requests, session, inflight))
+        incoming = aiter(requests)
+        inflight: asyncio.Queue | None = None  # set once the stream reads ahead
+        reader: asyncio.Task | None = None
         latency = self._metrics.latency.labels("StreamForecast")
         observed = self._metrics.observations.labels("StreamForecast")
         try:
             while True:
-                if inflight.empty():
+                if inflight is None:
                     self._idle.add(handler)  # nothing in flight: drain may end the stream here
-                item = await inflight.get()
-                self._idle.discard(handler)
-                if item is None:
-                    break
+                    try:
+                        request = await anext(incoming)
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        self._idle.discard(handler)
+                    item = self._submit(session, request)
+                    if item[2] >= PIPELINE_MIN_OBSERVATIONS:
+                        inflight = asyncio.Queue(PIPELINE_DEPTH)
+                        reader = asyncio.create_task(self._read(incoming, session, inflight))
+                else:
+                    if inflight.empty():
+                        self._idle.add(handler)
+                    item = await inflight.get()
+                    self._idle.discard(handler)
+                    if item is None:
+                        break
                 step, started, n = item
                 answer = self._encoder.encode_groups(await step, n)
                 latency.observe(time.perf_counter() - started)
@@ -118,8 +139,9 @@ class ForecasterServicer:
             await self._abort(context, "StreamForecast", exc)
         finally:
             self._idle.discard(handler)
-            reader.cancel()
-            while not inflight.empty():  # steps queued behind a failure or a drain: not answered
+            if reader is not None:
+                reader.cancel()
+            while inflight is not None and not inflight.empty():  # queued behind a failure or a drain
                 item = inflight.get_nowait()
                 if item is None:
                     continue
@@ -133,27 +155,30 @@ class ForecasterServicer:
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
         self._metrics.requests.labels("StreamForecast", "OK").inc()
 
+    @staticmethod
+    def _submit(session: StreamSession, request: pb.StreamRequest) -> tuple[asyncio.Future, float, int]:
+        """Parse a request and queue its steps: (answer future, arrival time, observations).
+        A request refused before anything was queued gets a failed future, answered in order."""
+        started = time.perf_counter()
+        obs = observations_from(request)
+        try:
+            step = session.submit(obs, request.model)
+        except Exception as exc:
+            step = asyncio.get_running_loop().create_future()
+            step.set_exception(exc)
+        return step, started, len(obs)
+
     async def _read(
         self, requests: AsyncIterator[pb.StreamRequest], session: StreamSession, inflight: asyncio.Queue
     ) -> None:
-        """Parse requests and queue their steps; None marks the end of the client's stream.
-
-        Each request's steps are queued as soon as it is parsed (the session keeps them in
-        order), so the next request's ORT call can start the moment the current one ends, while
-        this loop encodes answers and parses requests."""
-        loop = asyncio.get_running_loop()
+        """Read ahead: parse requests and queue their steps as they arrive; None marks the end
+        of the client's stream. The next request's ORT call can then start the moment the
+        current one ends, while the handler encodes answers."""
         try:
             async for request in requests:
-                started = time.perf_counter()
-                obs = observations_from(request)
-                try:
-                    step = session.submit(obs, request.model)
-                except Exception as exc:  # refused before anything was queued
-                    step = loop.create_future()
-                    step.set_exception(exc)
-                await inflight.put((step, started, len(obs)))
-        except Exception as exc:  # reading failed: hand the error to the writer, in order
-            failed = loop.create_future()
+                await inflight.put(self._submit(session, request))
+        except Exception as exc:  # reading failed: hand the error to the handler, in order
+            failed = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
             await inflight.put((failed, time.perf_counter(), 0))
             return
