@@ -43,20 +43,13 @@ def synthetic_series(n: int = 48 * 40, series_id: str = "s0", level: float = 10.
     )
 
 
-def train_tiny(
-    cell: str = "lstm",
-    covariates: tuple[str, ...] = (),
-    seed: int = 0,
-    epochs: int = 2,
-    horizon: int = 6,
-    members: int = 1,
-):
+def train_tiny(cell: str = "lstm", covariates: tuple[str, ...] = (), seed: int = 0, epochs: int = 2, horizon: int = 6):
     """A real Forecaster trained for a couple of seconds."""
     from training.model import ModelConfig
     from training.train import TrainConfig, build_model, train_model
 
     series = [synthetic_series(covariates=len(covariates), seed=seed, series_id=f"s{seed}")]
-    cfg = ModelConfig(cell=cell, hidden_size=16, num_layers=2, horizon=horizon, covariates=covariates, members=members)
+    cfg = ModelConfig(cell=cell, hidden_size=16, num_layers=2, horizon=horizon, covariates=covariates)
     model = build_model(cfg, series, seed)
     train_model(model, series, TrainConfig(window=96, batch_size=32, max_epochs=epochs, seed=seed), progress=False)
     return model

@@ -18,16 +18,6 @@ you will serve.
 Quantiles never cross by construction: the head emits the lowest quantile and non-negative
 (softplus) increments for each next one; the inverse transform is monotone, so the order
 survives into raw units.
-
-Members. With ``members`` K > 1 the network is K independent forecasters of
-``hidden_size / K`` units each, packed into one recurrent layer stack: the recurrent and
-layer-to-layer weights are block-diagonal (masked at init, their gradients masked in training)
-and each member has its own head. Training sums the members' losses on the same batches, so
-each member learns on its own from a different initialisation; the forecast is the mean of the
-members' z-space quantiles (still non-crossing). The exported graphs are a plain LSTM/GRU of
-``hidden_size`` units, so the ONNX contract and the server do not change. Averaging members
-removes much of the seed-to-seed variance of a single network, for about the cost of one
-network of the same total width.
 """
 
 from __future__ import annotations
@@ -51,9 +41,8 @@ class ModelConfig:
     """Shape of the network plus the scaling statistics fitted on the training split."""
 
     cell: str = "lstm"
-    hidden_size: int = 64  # recurrent units in all (the state's H), split evenly between members
+    hidden_size: int = 64
     num_layers: int = 2
-    members: int = 1  # independent forecasters averaged (see the module docstring)
     dropout: float = 0.0
     horizon: int = 48
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
@@ -79,13 +68,9 @@ class ModelConfig:
         object.__setattr__(self, "holidays", tuple(str(d) for d in self.holidays))
         if self.cell not in CELLS:
             raise ValueError(f"model.cell must be one of {CELLS}, got {self.cell!r}")
-        for name in ("hidden_size", "num_layers", "horizon", "freq_ms", "members"):
+        for name in ("hidden_size", "num_layers", "horizon", "freq_ms"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.hidden_size % self.members:
-            raise ValueError(
-                f"model.hidden_size ({self.hidden_size}) must split evenly between model.members ({self.members})"
-            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         q = self.quantiles
@@ -105,10 +90,6 @@ class ModelConfig:
                 raise ValueError(f"model.holidays takes ISO dates like 2014-12-25, got {day!r}") from None
         if len(set(self.covariates)) != c:
             raise ValueError(f"covariate names must be unique, got {list(self.covariates)}")
-
-    @property
-    def member_size(self) -> int:
-        return self.hidden_size // self.members
 
     @property
     def num_quantiles(self) -> int:
@@ -148,9 +129,7 @@ class Forecaster(nn.Module):
             dropout=config.dropout if config.num_layers > 1 else 0.0,
             batch_first=True,
         )
-        self.head = nn.Linear(config.hidden_size, config.members * config.horizon * config.num_quantiles)
-        if config.members > 1:
-            self._separate_members()
+        self.head = nn.Linear(config.hidden_size, config.horizon * config.num_quantiles)
         c = config.num_covariates
         # Buffers, not Python floats, so the scaling lives in the state dict and the graphs.
         self.register_buffer("cov_loc", torch.tensor(config.covariate_loc or [0.0] * c, dtype=torch.float32))
@@ -160,41 +139,6 @@ class Forecaster(nn.Module):
         # An empty calendar gets one day no timestamp reaches, so the feature layout stays the same.
         days = torch.tensor(config.holiday_days or [-(10**9)], dtype=torch.int64)
         self.register_buffer("holiday_start_ms", days * MS_PER_DAY)
-
-    def _separate_members(self) -> None:
-        """Make the weights that would mix members zero and keep them zero (see the docstring).
-
-        Rows of a recurrent weight are gate units (gate-major: unit r belongs to member
-        (r mod H) // m); columns are units of the previous layer or step (member c // m). The
-        kept blocks are re-drawn at the scale PyTorch uses for one member's width.
-        """
-        cfg = self.config
-        k, m = cfg.members, cfg.member_size
-        bound = 1.0 / math.sqrt(m)
-
-        def block_mask(rows: int, cols: int, row_member: torch.Tensor) -> torch.Tensor:
-            col_member = torch.arange(cols) // (cols // k)
-            return (row_member[:, None] == col_member[None, :]).to(torch.float32)
-
-        for name, param in self.rnn.named_parameters():
-            rows = param.shape[0]
-            row_member = (torch.arange(rows) % cfg.hidden_size) // m
-            with torch.no_grad():
-                if name.startswith("bias"):
-                    param.uniform_(-bound, bound)
-                    continue
-                if name.startswith("weight_ih_l0"):  # inputs are shared: every member reads all features
-                    param.uniform_(-bound, bound)
-                    continue
-                mask = block_mask(rows, param.shape[1], row_member)
-                param.uniform_(-bound, bound).mul_(mask)
-            param.register_hook(lambda grad, mask=mask: grad * mask)
-        out = cfg.horizon * cfg.num_quantiles
-        mask = block_mask(k * out, cfg.hidden_size, torch.arange(k * out) // out)
-        with torch.no_grad():
-            self.head.weight.uniform_(-bound, bound).mul_(mask)
-            self.head.bias.uniform_(-bound, bound)
-        self.head.weight.register_hook(lambda grad, mask=mask: grad * mask)
 
     # -- transforms -------------------------------------------------------------------------
     def scale_values(self, values: torch.Tensor) -> torch.Tensor:
@@ -252,22 +196,15 @@ class Forecaster(nn.Module):
         out, h_out = self.rnn(x, h)
         return out, h_out, None
 
-    def member_quantiles_z(self, hidden: torch.Tensor, z_last: torch.Tensor) -> torch.Tensor:
-        """(..., H) hidden, (...) latest scaled value -> (..., members, horizon, Q) each member's
-        non-crossing z quantiles."""
+    def quantiles_z(self, hidden: torch.Tensor, z_last: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden, (...) latest scaled value -> (..., horizon, Q) non-crossing z quantiles."""
         cfg = self.config
-        raw = self.head(hidden).unflatten(-1, (cfg.members, cfg.horizon, cfg.num_quantiles))
-        lowest = raw[..., :1] + z_last[..., None, None, None]
+        raw = self.head(hidden).unflatten(-1, (cfg.horizon, cfg.num_quantiles))
+        lowest = raw[..., :1] + z_last.unsqueeze(-1).unsqueeze(-1)
         if cfg.num_quantiles == 1:
             return lowest
         steps = nn.functional.softplus(raw[..., 1:])
         return torch.cat([lowest, lowest + torch.cumsum(steps, dim=-1)], dim=-1)
-
-    def quantiles_z(self, hidden: torch.Tensor, z_last: torch.Tensor) -> torch.Tensor:
-        """(..., H) hidden, (...) latest scaled value -> (..., horizon, Q) non-crossing z quantiles
-        (the members' mean)."""
-        z = self.member_quantiles_z(hidden, z_last)
-        return z[..., 0, :, :] if self.config.members == 1 else z.mean(dim=-3)
 
     def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg = self.config
@@ -284,14 +221,6 @@ class Forecaster(nn.Module):
         h, c = self.zero_state(values.shape[0])
         out, _, _ = self.encode(values, timestamps_ms, covariates, h, c)
         return self.quantiles_z(out, self.scale_values(values))
-
-    def forecast_members_z(
-        self, values: torch.Tensor, timestamps_ms: torch.Tensor, covariates: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """As forecast_all_z, per member: (B, T) -> (B, T, members, horizon, Q). Training path."""
-        h, c = self.zero_state(values.shape[0])
-        out, _, _ = self.encode(values, timestamps_ms, covariates, h, c)
-        return self.member_quantiles_z(out, self.scale_values(values))
 
     def forward(
         self,

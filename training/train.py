@@ -168,12 +168,9 @@ def _batch(win: _Windows, rows: np.ndarray, width: int) -> tuple[torch.Tensor, .
 
 
 def pinball_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
-    """pred (B, W, h, Q) or per member (B, W, K, h, Q), target (B, W, h), mask (B, W) -> mean
-    pinball loss over masked points (and members)."""
-    if pred.dim() == 5:
-        target = target.unsqueeze(2)  # (B, W, 1, h): the same target for every member
-    diff = target.unsqueeze(-1) - pred  # (B, W, [K,] h, Q)
-    loss = torch.maximum(quantiles * diff, (quantiles - 1.0) * diff).flatten(2).mean(dim=-1)  # (B, W)
+    """pred (B, W, h, Q), target (B, W, h), mask (B, W) -> mean pinball loss over masked points."""
+    diff = target.unsqueeze(-1) - pred  # (B, W, h, Q)
+    loss = torch.maximum(quantiles * diff, (quantiles - 1.0) * diff).mean(dim=(-1, -2))  # (B, W)
     return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -242,7 +239,7 @@ def train_model(
             losses, norms, clipped = [], [], 0
             for step, first in enumerate(range(0, len(order), cfg.batch_size), start=1):
                 values, ts, cov, target, mask = _batch(train_w, order[first : first + cfg.batch_size], cfg.window)
-                pred = model.forecast_members_z(values, ts, cov)  # each member learns on its own
+                pred = model.forecast_all_z(values, ts, cov)
                 loss = pinball_loss(pred, target, mask, quantiles)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}")

@@ -72,7 +72,6 @@ def test_state_carries_history():
         (dict(quantiles=(0.9, 0.1)), "strictly increasing"),
         (dict(quantiles=(0.0, 0.5)), "strictly increasing"),
         (dict(horizon=0), "model.horizon"),
-        (dict(hidden_size=10, members=3), "split evenly"),
         (
             dict(covariates=("a",), covariate_loc=(0.0, 1.0), covariate_scale=(1.0, 1.0)),
             "one entry per covariate",
@@ -93,30 +92,3 @@ def test_holiday_flags_for_today_and_tomorrow():
     assert today.tolist() == [0.0, 1.0, 0.0] and tomorrow.tolist() == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="ISO dates"):
         ModelConfig(holidays=("25/12/2014",))
-
-
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_members_are_independent_networks_and_stay_so_in_training(cell):
-    m = model(cell=cell, hidden_size=12, members=3).train()
-    values = torch.rand(4, 20) * 3 + 1
-    ts = MONDAY_2014_01_06 + torch.arange(20) * 1_800_000
-    ts = ts.repeat(4, 1)
-    opt = torch.optim.AdamW(m.parameters(), lr=0.05, weight_decay=0.01)
-    for _ in range(3):  # train a little: masked gradients keep the members apart
-        loss = m.forecast_members_z(values, ts).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
-    with torch.no_grad():
-        before = m.forecast_members_z(values, ts)
-        for name, p in m.rnn.named_parameters():
-            if name.startswith("weight_ih_l0"):
-                p[4:8] += 1.0  # member 1's rows of the first gate
-        after = m.forecast_members_z(values, ts)
-        assert before.shape == (4, 20, 3, 5, 3)
-        assert torch.equal(before[:, :, 0], after[:, :, 0]) and torch.equal(before[:, :, 2], after[:, :, 2])
-        assert not torch.allclose(before[:, :, 1], after[:, :, 1])
-        # the forecast is the members' mean, and it still never crosses
-        np.testing.assert_allclose(m.forecast_all_z(values, ts), after.mean(dim=2), rtol=1e-6, atol=1e-6)
-        assert (torch.diff(m.forecast_all_z(values, ts), dim=-1) >= 0).all()
