@@ -33,9 +33,12 @@ BatchObserver = Callable[[int, float], None]  # (rows in the ORT call, seconds i
 
 _chain = itertools.chain.from_iterable
 # Batches up to this many rows run on the event loop thread. Waking the executor thread and
-# being woken back costs ~100 µs of wall time and CPU, more than ORT needs for a few rows of a
-# small recurrent cell (~40 µs at 1 row, ~120 µs at 32 for 2x64 LSTM on one core).
-INLINE_MAX_ROWS = 32
+# being woken back costs ~100 µs of wall time and CPU, plus GIL hand-offs, about what ORT needs
+# for a small batch of a small recurrent cell (~40 µs at 1 row, ~120 µs at 32, ~200 µs at 64 for
+# 2x64 LSTM on one core). bench/stream.py at 64 one-observation streams: 76-81 µs of server CPU
+# per message with 64 here, 86-104 with 32. Larger batches (many series per message) go to the
+# executor, where their ORT call overlaps parsing and encoding on the loop.
+INLINE_MAX_ROWS = 64
 
 
 @dataclass
