@@ -77,7 +77,8 @@ class StepProcessor:
 
     async def __call__(self, chunks: list[StepChunk]) -> list[list[ForecastGroup] | ServingError]:
         arena = self._arena
-        if all((arena.epoch[c.rows] == c.epochs).all() for c in chunks):
+        rows = np.concatenate([c.rows for c in chunks])
+        if (arena.epoch[rows] == np.concatenate([c.epochs for c in chunks])).all():  # the usual case
             return await self._process(chunks)
         # Some series were freed while their chunk waited (the stream went away): nobody waits
         # for those chunks, and their rows may already belong to other series.
