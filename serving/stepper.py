@@ -1,13 +1,14 @@
 """One ORT step for a batch of stream requests of one model version.
 
 The micro-batcher hands `StepProcessor` the chunks (one request's steps each) that arrived
-together; it drops chunks whose series were freed while they waited (each chunk carries its
-rows' epochs from when it was queued, and the state is written back only into rows still
-holding those epochs), checks the rest all at once -- with numpy over the whole batch, attributing each
-problem to its chunk -- runs the step graph once on the rows that passed (gather state rows ->
-run -> scatter `h_out`/`c_out` back, on the version's executor thread), advances the series'
-bookkeeping, and gives every chunk its slice of one shared StepBatch. A chunk with bad input gets
-its own exception and is left out; the other chunks in the batch are unaffected.
+together. It drops chunks whose series were freed while they waited (each chunk carries its
+rows' epochs from when it was queued, and state is written back only into rows still holding
+those epochs); checks the rest all at once -- with numpy over the whole batch, attributing each
+problem to its chunk; runs the step graph once on the rows that passed (gather state rows ->
+run -> scatter `h_out`/`c_out` back, on the event loop for small batches, else on the version's
+executor thread); advances the series' bookkeeping; and gives every chunk its slice of one
+shared StepBatch. A chunk with bad input gets its own exception and is left out; the other
+chunks in the batch are unaffected.
 """
 
 from __future__ import annotations
