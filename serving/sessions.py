@@ -49,7 +49,7 @@ class StreamSession:
     def live(self) -> int:
         return len(self._series)
 
-    def submit(self, obs: Observations, model_name: str = "") -> asyncio.Future:
+    def submit(self, obs: Observations, model_name: str = "") -> asyncio.Future[list[ForecastGroup]]:
         """Queue one step of each observed series now; the future gets the forecast groups, which
         cover every request position once (or the first error of the request).
 
@@ -77,10 +77,6 @@ class StreamSession:
             done.set_result([])
             return done
         return self._gather(futures, self._retire_later(retired))
-
-    async def step(self, obs: Observations, model_name: str = "") -> list[ForecastGroup]:
-        """submit() and wait for the answer."""
-        return await self.submit(obs, model_name)
 
     def _retire_later(self, refs: list[SeriesRef]) -> int:
         """Keep refs to free later (by key, or at close); returns the key."""
