@@ -164,35 +164,19 @@ class ForecastEncoder:
 
         version = model_version.encode()
         tail = b"\x32" + _varint_of(len(version)) + version + b"\x38"  # model_version, steps_seen tag
-        heads = self._heads  # series_id field per id; a stream sends the same ids again and again
+        base = width + len(tail)
+        v, heads, out = _varint_of, self._heads, []
         if len(heads) + n > _CACHE_LIMIT:
             heads.clear()
-        try:
-            head = [heads[sid] for sid in series_ids]
-        except KeyError:
-            head = [heads.get(sid) or self._head(sid) for sid in series_ids]
-        steps = steps_seen.tolist()
-        steps_b = [_SMALL[k] for k in steps] if max(steps) < len(_SMALL) else [_varint_of(k) for k in steps]
-        # Row i's SeriesForecast size, from the lengths of its variable parts (numpy, no row loop).
-        size = (width + len(tail)) + (
-            np.fromiter(map(len, head), np.int64, n)
-            + np.fromiter(map(len, timing), np.int64, n)
-            + np.fromiter(map(len, steps_b), np.int64, n)
-        )
-        # The parts of all rows, laid out column by column with slice assignments.
-        out: list[bytes | memoryview] = [b"\x0a"] * (PARTS_PER_ROW * n)
-        out[1::PARTS_PER_ROW] = [_SMALL[k] if k < 16384 else varint(k) for k in size.tolist()]
-        out[2::PARTS_PER_ROW] = head
-        out[3::PARTS_PER_ROW] = timing
-        out[4::PARTS_PER_ROW] = [raw[i : i + width] for i in range(0, n * width, width)]
-        out[5::PARTS_PER_ROW] = [tail] * n
-        out[6::PARTS_PER_ROW] = steps_b
+        for i, (sid, time_fields, steps) in enumerate(zip(series_ids, timing, steps_seen.tolist())):
+            head = heads.get(sid)  # series_id field; a stream sends the same ids again and again
+            if head is None:
+                sid_b = sid.encode()
+                head = heads[sid] = b"\x0a" + v(len(sid_b)) + sid_b
+            steps_b = v(steps)
+            size = base + len(head) + len(time_fields) + len(steps_b)
+            out += (b"\x0a", v(size), head, time_fields, raw[i * width : (i + 1) * width], tail, steps_b)
         return out
-
-    def _head(self, series_id: str) -> bytes:
-        sid = series_id.encode()
-        head = self._heads[series_id] = b"\x0a" + _varint_of(len(sid)) + sid
-        return head
 
     def batch_parts(self, batch: StepBatch) -> list[bytes | memoryview]:
         """Every row of a batch encoded; done once per batch and kept on it for its other requests."""
