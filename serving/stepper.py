@@ -36,9 +36,10 @@ BatchObserver = Callable[[int, float], None]  # (rows in the ORT call, seconds i
 _chain = itertools.chain.from_iterable
 # Batches up to this many rows run on the event loop thread. Waking the executor thread and
 # being woken back costs ~100 µs of wall time and CPU, plus GIL hand-offs, about what ORT needs
-# for a small batch of a small recurrent cell (~40 µs at 1 row, ~120 µs at 32, ~200 µs at 64 for
-# 2x64 LSTM on one core). bench/stream.py at 64 one-observation streams: 76-81 µs of server CPU
-# per message with 64 here, 86-104 with 32. Larger batches (many series per message) go to the
+# for a small batch of a small recurrent cell (OrtModel.step of the default 2x64 LSTM on one
+# core, state gather/scatter included: ~50 µs at 1 row, ~150 µs at 32, ~240 µs at 64).
+# bench/stream.py at 64 one-observation streams: 76-81 µs of server CPU per message with 64
+# here, 86-104 with 32. Larger batches (many series per message) go to the
 # executor, where their ORT call overlaps parsing and encoding on the loop.
 INLINE_MAX_ROWS = 64
 # After handing a batch to the executor thread, the loop blocks (GIL released) until that thread
@@ -79,23 +80,30 @@ class StepProcessor:
     async def __call__(self, chunks: list[StepChunk]) -> list[list[ForecastGroup] | ServingError]:
         arena = self._arena
         rows = np.concatenate([c.rows for c in chunks])
-        if (arena.epoch[rows] == np.concatenate([c.epochs for c in chunks])).all():  # the usual case
-            return await self._process(chunks)
+        epochs = np.concatenate([c.epochs for c in chunks])
+        if (arena.epoch[rows] == epochs).all():  # the usual case: one comparison for the batch
+            return await self._process(chunks, rows, epochs)
         # Some series were freed while their chunk waited (the stream went away): nobody waits
         # for those chunks, and their rows may already belong to other series.
         live = [(arena.epoch[c.rows] == c.epochs).all() for c in chunks]
-        done = iter(await self._process([c for c, ok in zip(chunks, live) if ok]) if any(live) else ())
+        kept = [c for c, ok in zip(chunks, live) if ok]
+        done = iter(
+            await self._process(kept, np.concatenate([c.rows for c in kept]), np.concatenate([c.epochs for c in kept]))
+            if kept
+            else ()
+        )
         gone = StatePreconditionFailed("the stream's series were freed before this step ran")
         return [next(done) if ok else gone for ok in live]
 
-    async def _process(self, chunks: list[StepChunk]) -> list[list[ForecastGroup] | ServingError]:
+    async def _process(
+        self, chunks: list[StepChunk], rows: np.ndarray, epochs: np.ndarray
+    ) -> list[list[ForecastGroup] | ServingError]:
+        """Check, step and answer live chunks; rows and epochs are theirs, concatenated."""
         spec, arena = self._spec, self._arena
         sizes = [len(c.series_ids) for c in chunks]
         total = sum(sizes)
         ts = np.fromiter(_chain(c.timestamps_ms for c in chunks), np.int64, total)
         values = np.fromiter(_chain(c.values for c in chunks), np.float32, total)
-        rows = np.concatenate([c.rows for c in chunks])
-        epochs = np.concatenate([c.epochs for c in chunks])
         counts = np.fromiter((len(r) for c in chunks for r in c.covariates), np.int64, total)
         flat_cov = np.fromiter(_chain(_chain(c.covariates for c in chunks)), np.float32, int(counts.sum()))
 
