@@ -10,6 +10,8 @@ the same objective as in raw units up to a per-point weight.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import sys
@@ -74,6 +76,31 @@ class TrainResult:
 def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """A tensor owning a copy: dataset arrays are read-only, and torch wants writable memory."""
     return torch.tensor(np.array(array), dtype=dtype)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the OS.
+
+    A training step allocates and frees activations of tens of MB (the forecasts after every step
+    of every window). By default glibc serves blocks that large with fresh mmap()s and unmaps
+    them on free, so each step page-faults all of it back in: measured on 2 cores, half the step
+    time went to the kernel (0.28 s -> 0.14 s per default-config step with this). Process-wide;
+    returns False where the C library has no mallopt (not glibc), which only costs speed.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (m_mmap_threshold, 32 << 20),  # the largest glibc accepts; the step's tensors are below it
+            (m_trim_threshold, 2**31 - 1),
+            (m_top_pad, 256 << 20),
+        )
+    )
 
 
 # -- scaling ------------------------------------------------------------------------------------
@@ -168,9 +195,15 @@ def _batch(win: _Windows, rows: np.ndarray, width: int) -> tuple[torch.Tensor, .
 
 
 def pinball_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
-    """pred (B, W, h, Q), target (B, W, h), mask (B, W) -> mean pinball loss over masked points."""
-    diff = target.unsqueeze(-1) - pred  # (B, W, h, Q)
-    loss = torch.maximum(quantiles * diff, (quantiles - 1.0) * diff).mean(dim=(-1, -2))  # (B, W)
+    """pred (B, W, h, Q), target (B, W, h), mask (B, W) -> mean pinball loss over masked points.
+
+    max(q d, (q - 1) d) = q d + relu(-d) with d = target - pred, and the q d part sums over the
+    quantiles as a dot product: two passes over the (B, W, h, Q) forecasts instead of five.
+    """
+    h, q = pred.shape[-2], pred.shape[-1]
+    over = torch.relu(pred - target.unsqueeze(-1)).sum(dim=(-1, -2))  # (B, W)
+    below = target.sum(-1) * quantiles.sum() - (pred @ quantiles).sum(-1)  # (B, W)
+    loss = (over + below) / (h * q)
     return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -209,6 +242,7 @@ def train_model(
     ``timestamps_ms`` (T,) and ``covariates`` (T, C)); keep the weights of the best validation
     epoch. ``on_epoch(epoch, metrics)`` is called after each epoch (MLflow logging)."""
     torch.manual_seed(cfg.seed)
+    keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)

@@ -10,7 +10,15 @@ import torch
 
 from tests.conftest import synthetic_series
 from training.model import ModelConfig
-from training.train import TrainConfig, TrainingError, build_model, clip_gradients, fit_scaling, train_model
+from training.train import (
+    TrainConfig,
+    TrainingError,
+    build_model,
+    clip_gradients,
+    fit_scaling,
+    pinball_loss,
+    train_model,
+)
 
 SMALL = TrainConfig(window=96, batch_size=32, max_epochs=5, stride=4, burn_in=12, lr=5e-3, seed=3)
 
@@ -95,3 +103,16 @@ def test_scaling_pools_series_of_different_magnitudes():
     b = SimpleNamespace(values=np.full(10, 1000.0), covariates=np.ones((10, 1)))
     stats = fit_scaling([a.values, b.values], [a.covariates, b.covariates])
     assert stats["value_scale"] > 0 and stats["covariate_loc"] == (0.5,)
+
+
+def test_pinball_loss_equals_the_textbook_definition_over_masked_points():
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn(3, 5, 4, 3, generator=gen)
+    target = torch.randn(3, 5, 4, generator=gen)
+    mask = torch.rand(3, 5, generator=gen) > 0.3
+    q = torch.tensor([0.1, 0.5, 0.9])
+    expected = []
+    for b, t in zip(*torch.nonzero(mask, as_tuple=True), strict=True):
+        diff = target[b, t].unsqueeze(-1) - pred[b, t]  # (h, Q)
+        expected.append(torch.maximum(q * diff, (q - 1) * diff).mean())
+    assert float(pinball_loss(pred, target, mask, q)) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
