@@ -17,7 +17,7 @@ import time
 from bench.common import print_table, write_results
 from training.config import load_config
 from training.pipeline import prepare, run_backtest
-from training.train import train_model
+from training.train import train_forecaster
 
 VARIANTS = {"demand+calendar": [], "+temperature+workday": ["data.covariate_cols=[Temperature, WorkDay]"]}
 TARGET_MASE = 0.60
@@ -37,9 +37,9 @@ def main() -> None:
         scores, times = [], []
         for seed in args.seeds:
             cfg = load_config(args.config, [*args.overrides, *VARIANTS[variant], f"train.seed={seed}"])
-            dataset, parts, model = prepare(cfg)
+            dataset, parts, model_cfg = prepare(cfg)
             started = time.perf_counter()
-            result = train_model(model, parts, cfg.train, progress=False)
+            model, result = train_forecaster(model_cfg, parts, cfg.train, progress=False)
             seconds = time.perf_counter() - started
             bt = run_backtest(model, dataset, cfg)
             scores.append(bt.metrics["mase"])
@@ -50,12 +50,12 @@ def main() -> None:
                     "variant": variant,
                     "seed": seed,
                     "train_seconds": seconds,
-                    "epochs": len(result.history),
+                    "epochs": result.epochs,
                     **bt.metrics,
                 }
             )
             print(
-                f"{variant} seed {seed}: MASE {bt.metrics['mase']:.4f} coverage {bt.metrics['coverage']:.3f} ({seconds:.0f}s, {len(result.history)} epochs)",
+                f"{variant} seed {seed}: MASE {bt.metrics['mase']:.4f} coverage {bt.metrics['coverage']:.3f} ({seconds:.0f}s, {result.epochs} epochs)",
                 flush=True,
             )
         rows.append(

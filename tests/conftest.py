@@ -43,15 +43,22 @@ def synthetic_series(n: int = 48 * 40, series_id: str = "s0", level: float = 10.
     )
 
 
-def train_tiny(cell: str = "lstm", covariates: tuple[str, ...] = (), seed: int = 0, epochs: int = 2, horizon: int = 6):
+def train_tiny(
+    cell: str = "lstm",
+    covariates: tuple[str, ...] = (),
+    seed: int = 0,
+    epochs: int = 2,
+    horizon: int = 6,
+    members: int = 1,
+):
     """A real Forecaster trained for a couple of seconds."""
     from training.model import ModelConfig
-    from training.train import TrainConfig, build_model, train_model
+    from training.train import TrainConfig, scaled_config, train_forecaster
 
     series = [synthetic_series(covariates=len(covariates), seed=seed, series_id=f"s{seed}")]
-    cfg = ModelConfig(cell=cell, hidden_size=16, num_layers=2, horizon=horizon, covariates=covariates)
-    model = build_model(cfg, series, seed)
-    train_model(model, series, TrainConfig(window=96, batch_size=32, max_epochs=epochs, seed=seed), progress=False)
+    cfg = ModelConfig(cell=cell, hidden_size=16, num_layers=2, horizon=horizon, covariates=covariates, members=members)
+    train = TrainConfig(window=96, batch_size=32, max_epochs=epochs, seed=seed)
+    model, _ = train_forecaster(scaled_config(cfg, series), series, train, progress=False)
     return model
 
 

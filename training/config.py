@@ -16,7 +16,17 @@ from training.model import ModelConfig
 from training.train import TrainConfig
 
 # Keys of ModelConfig a user sets; the rest (covariates, freq_ms, scaling) come from the data.
-MODEL_KEYS = ("cell", "hidden_size", "num_layers", "dropout", "horizon", "quantiles", "daily_harmonics", "holidays")
+MODEL_KEYS = (
+    "cell",
+    "hidden_size",
+    "num_layers",
+    "members",
+    "dropout",
+    "horizon",
+    "quantiles",
+    "daily_harmonics",
+    "holidays",
+)
 
 
 class ConfigError(ValueError):

@@ -18,6 +18,16 @@ you will serve.
 Quantiles never cross by construction: the head emits the lowest quantile and non-negative
 (softplus) increments for each next one; the inverse transform is monotone, so the order
 survives into raw units.
+
+Members. With ``members`` K > 1 the model is K networks of ``hidden_size / K`` units each, trained
+one after another from their own seeds (own initialisation, data order and early stopping; see
+``training.train.train_forecaster``), then packed into one recurrent stack by ``pack_members``:
+block-diagonal recurrent and layer-to-layer weights, shared inputs, one head each. The forecast
+is the mean of the members' z-space quantiles, which still never cross. The exported graphs stay
+a plain LSTM/GRU of ``hidden_size`` units (the state holds every member's units), so the ONNX
+contract and the server do not change. Averaging independently trained networks removes much of
+the seed-to-seed variance of one network, which on one year of data is larger than the effect of
+most design choices (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -41,8 +51,9 @@ class ModelConfig:
     """Shape of the network plus the scaling statistics fitted on the training split."""
 
     cell: str = "lstm"
-    hidden_size: int = 64
+    hidden_size: int = 64  # recurrent units in all (the state's H), split evenly between members
     num_layers: int = 2
+    members: int = 1  # independently trained networks, averaged (see the module docstring)
     dropout: float = 0.0
     horizon: int = 48
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
@@ -68,9 +79,13 @@ class ModelConfig:
         object.__setattr__(self, "holidays", tuple(str(d) for d in self.holidays))
         if self.cell not in CELLS:
             raise ValueError(f"model.cell must be one of {CELLS}, got {self.cell!r}")
-        for name in ("hidden_size", "num_layers", "horizon", "freq_ms"):
+        for name in ("hidden_size", "num_layers", "horizon", "freq_ms", "members"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.hidden_size % self.members:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must split evenly between model.members ({self.members})"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         q = self.quantiles
@@ -90,6 +105,10 @@ class ModelConfig:
                 raise ValueError(f"model.holidays takes ISO dates like 2014-12-25, got {day!r}") from None
         if len(set(self.covariates)) != c:
             raise ValueError(f"covariate names must be unique, got {list(self.covariates)}")
+
+    @property
+    def member_size(self) -> int:
+        return self.hidden_size // self.members
 
     @property
     def num_quantiles(self) -> int:
@@ -129,7 +148,8 @@ class Forecaster(nn.Module):
             dropout=config.dropout if config.num_layers > 1 else 0.0,
             batch_first=True,
         )
-        self.head = nn.Linear(config.hidden_size, config.horizon * config.num_quantiles)
+        # One head per member (rows member-major); block-diagonal when built by pack_members.
+        self.head = nn.Linear(config.hidden_size, config.members * config.horizon * config.num_quantiles)
         c = config.num_covariates
         # Buffers, not Python floats, so the scaling lives in the state dict and the graphs.
         self.register_buffer("cov_loc", torch.tensor(config.covariate_loc or [0.0] * c, dtype=torch.float32))
@@ -197,15 +217,19 @@ class Forecaster(nn.Module):
         return out, h_out, None
 
     def quantiles_z(self, hidden: torch.Tensor, z_last: torch.Tensor) -> torch.Tensor:
-        """(..., H) hidden, (...) latest scaled value -> (..., horizon, Q) non-crossing z quantiles."""
+        """(..., H) hidden, (...) latest scaled value -> (..., horizon, Q) non-crossing z quantiles
+        (with members, their mean)."""
         cfg = self.config
-        raw = self.head(hidden).unflatten(-1, (cfg.horizon, cfg.num_quantiles))
-        lowest = raw[..., :1] + z_last.unsqueeze(-1).unsqueeze(-1)
-        if cfg.num_quantiles == 1:
-            return lowest
-        # contiguous() first: softplus on the strided view is ~6x slower (a third of a training step).
-        steps = nn.functional.softplus(raw[..., 1:].contiguous())
-        return torch.cat([lowest, lowest + torch.cumsum(steps, dim=-1)], dim=-1)
+        shape = (cfg.horizon, cfg.num_quantiles) if cfg.members == 1 else (cfg.members, cfg.horizon, cfg.num_quantiles)
+        raw = self.head(hidden).unflatten(-1, shape)
+        for _ in shape:
+            z_last = z_last.unsqueeze(-1)
+        lowest = raw[..., :1] + z_last
+        if cfg.num_quantiles > 1:
+            # contiguous() first: softplus on the strided view is ~6x slower (a third of a training step).
+            steps = nn.functional.softplus(raw[..., 1:].contiguous())
+            lowest = torch.cat([lowest, lowest + torch.cumsum(steps, dim=-1)], dim=-1)
+        return lowest if cfg.members == 1 else lowest.mean(dim=-3)
 
     def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg = self.config
@@ -236,3 +260,40 @@ class Forecaster(nn.Module):
         out, h_out, c_out = self.encode(values, timestamps_ms, covariates, h, c)
         z = self.quantiles_z(out[:, -1], self.scale_values(values[:, -1]))
         return self.unscale_values(z), h_out, c_out
+
+
+def pack_members(nets: list[Forecaster]) -> Forecaster:
+    """K trained single networks of one config -> one Forecaster with ``members`` K whose
+    forecast is exactly the mean of theirs (see the module docstring).
+
+    PyTorch stores a recurrent weight gate-major: rows ``[g * H, (g + 1) * H)`` are gate g's units.
+    The packed gate g holds member i's units at ``g * K * m + i * m``; a recurrent or
+    layer-to-layer weight keeps only the columns of the same member, so no unit ever reads another
+    member's units, and the first layer's input weights are shared features, stacked.
+    """
+    if not nets:
+        raise ValueError("pack_members needs at least one network")
+    first = nets[0].config
+    if first.members != 1 or any(n.config != first for n in nets):
+        raise ValueError("pack_members needs single networks (members 1) of one and the same config")
+    k, m = len(nets), first.hidden_size
+    packed = Forecaster(ModelConfig(**{**first.to_dict(), "hidden_size": k * m, "members": k}))
+    gates = 4 if first.cell == "lstm" else 3
+    member_params = [dict(n.rnn.named_parameters()) for n in nets]
+    out = first.horizon * first.num_quantiles
+    with torch.no_grad():
+        for name, param in packed.rnn.named_parameters():
+            param.zero_()
+            for i, params in enumerate(member_params):
+                for g in range(gates):
+                    rows = slice(g * k * m + i * m, g * k * m + (i + 1) * m)
+                    source = params[name][g * m : (g + 1) * m]
+                    if name.startswith(("bias", "weight_ih_l0")):
+                        param[rows] = source
+                    else:
+                        param[rows, i * m : (i + 1) * m] = source
+        packed.head.weight.zero_()
+        for i, net in enumerate(nets):
+            packed.head.weight[i * out : (i + 1) * out, i * m : (i + 1) * m] = net.head.weight
+            packed.head.bias[i * out : (i + 1) * out] = net.head.bias
+    return packed.eval()

@@ -19,7 +19,7 @@ from training.evaluate import BacktestResult, backtest, holdout_start, plot_back
 from training.export import example_inputs, export_model
 from training.model import Forecaster, ModelConfig
 from training.registry import Promotion, log_and_register, promote
-from training.train import TrainResult, build_model, forecast_series, train_model
+from training.train import TrainResult, forecast_series, scaled_config, train_forecaster
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -46,11 +46,7 @@ class FitOutcome:
             "metrics": self.backtest.metrics,
             "baselines": self.backtest.baselines,
             "promotion": {"promoted": self.promotion.promoted, "reason": self.promotion.reason},
-            "training": {
-                "seconds": round(self.training.seconds, 2),
-                "epochs": len(self.training.history),
-                "best_epoch": self.training.best_epoch,
-            },
+            "training": self.training.summary(),
             "parity": self.parity,
         }
 
@@ -79,8 +75,8 @@ def load_state(state_dir: Path) -> Forecaster:
     return model.eval()
 
 
-def prepare(cfg: FitConfig) -> tuple[Dataset, list[Series], Forecaster]:
-    """Load and validate the data, cut the training parts, build a model scaled to them."""
+def prepare(cfg: FitConfig) -> tuple[Dataset, list[Series], ModelConfig]:
+    """Load and validate the data, cut the training parts, fit the model's scaling to them."""
     # Each series needs a training window plus a horizon before its backtest region.
     min_length = cfg.train.window + cfg.model.horizon
     dataset = load_dataset(cfg.data, min_length=int(min_length / (1 - cfg.eval.test_fraction)) + 1)
@@ -95,7 +91,7 @@ def prepare(cfg: FitConfig) -> tuple[Dataset, list[Series], Forecaster]:
     )
     train_parts = training_parts(dataset, cfg.eval.test_fraction)
     model_cfg = replace(cfg.model, covariates=dataset.covariate_names, freq_ms=dataset.freq_ms)
-    return dataset, train_parts, build_model(model_cfg, train_parts, cfg.train.seed)
+    return dataset, train_parts, scaled_config(model_cfg, train_parts)
 
 
 def run_backtest(model: Forecaster, dataset: Dataset, cfg: FitConfig) -> BacktestResult:
@@ -111,7 +107,7 @@ def run_backtest(model: Forecaster, dataset: Dataset, cfg: FitConfig) -> Backtes
 
 def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True) -> FitOutcome:
     # Data first: a bad file fails before any run is opened.
-    dataset, train_parts, model = prepare(cfg)
+    dataset, train_parts, model_cfg = prepare(cfg)
     fp = dataset.fingerprint
 
     mlflow.set_experiment(cfg.mlflow.experiment)
@@ -121,7 +117,7 @@ def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True) 
         mlflow.log_params(cfg.flat())
         mlflow.log_params({f"data_fingerprint.{k}": v for k, v in fp.items()})
         mlflow.log_params(
-            {f"scaling.{k}": v for k, v in model.config.to_dict().items() if k.startswith(("value_", "cov"))}
+            {f"scaling.{k}": v for k, v in model_cfg.to_dict().items() if k.startswith(("value_", "cov"))}
         )
         mlflow.log_dict(
             {"dataset": fp, "target": dataset.target, "covariates": list(dataset.covariate_names)}, "data.json"
@@ -130,11 +126,17 @@ def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True) 
         if config_path is not None:
             mlflow.log_artifact(str(config_path), "config")
 
-        result = train_model(
-            model, train_parts, cfg.train, on_epoch=lambda e, m: mlflow.log_metrics(m, step=e), progress=progress
+        model, result = train_forecaster(
+            model_cfg, train_parts, cfg.train, on_epoch=lambda e, m: mlflow.log_metrics(m, step=e), progress=progress
         )
-        mlflow.log_metrics({"train_seconds": result.seconds, "best_epoch": result.best_epoch})
-        log.info("trained %d epochs in %.1fs (best epoch %d)", len(result.history), result.seconds, result.best_epoch)
+        if result.members:
+            mlflow.log_metrics({f"member{i}.best_epoch": r.best_epoch for i, r in enumerate(result.members)})
+            best = ", ".join(str(r.best_epoch) for r in result.members)
+        else:
+            mlflow.log_metric("best_epoch", result.best_epoch)
+            best = str(result.best_epoch)
+        mlflow.log_metric("train_seconds", result.seconds)
+        log.info("trained %d epochs in %.1fs (best epoch %s)", result.epochs, result.seconds, best)
 
         bt = run_backtest(model, dataset, cfg)
         mlflow.log_metrics({f"backtest_{k}": v for k, v in bt.metrics.items()})

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.model import Forecaster, ModelConfig
+from training.model import Forecaster, ModelConfig, pack_members
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,21 @@ class TrainResult:
     best_val_loss: float = math.inf
     stopped_early: bool = False
     seconds: float = 0.0
+    seed: int = 0
+    # With model.members K > 1: one result per member, and the fields above stay empty but for
+    # ``seconds`` (all members) and ``best_val_loss`` (the members' mean).
+    members: list[TrainResult] = field(default_factory=list)
+
+    @property
+    def epochs(self) -> int:
+        """Epochs run, over all members."""
+        return sum(len(r.history) for r in self.members) if self.members else len(self.history)
+
+    def summary(self) -> dict:
+        out = {"seconds": round(self.seconds, 2), "epochs": self.epochs}
+        if not self.members:
+            return {**out, "best_epoch": self.best_epoch}
+        return {**out, "members": [{"seed": r.seed, **r.summary()} for r in self.members]}
 
 
 def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -231,16 +246,65 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def train_forecaster(
+    config: ModelConfig,
+    series: Sequence,
+    cfg: TrainConfig,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> tuple[Forecaster, TrainResult]:
+    """Build and train the model of ``config`` (scaling statistics already fitted, see
+    ``scaled_config``). With ``members`` K > 1, K networks of ``hidden_size / K`` units are
+    trained one after another, each from its own seed (``member_seeds``), then packed into one;
+    their epoch metrics reach ``on_epoch`` as ``member{i}.NAME``."""
+    if config.members == 1:
+        model = _seeded_model(config, cfg.seed)
+        return model, train_model(model, series, cfg, on_epoch, progress)
+    single = replace(config, hidden_size=config.member_size, members=1)
+    nets, results = [], []
+    started = time.perf_counter()
+    for i, seed in enumerate(member_seeds(cfg.seed, config.members)):
+        log.info("member %d of %d: %d units, seed %d", i + 1, config.members, single.hidden_size, seed)
+        net = _seeded_model(single, seed)
+        hook = None
+        if on_epoch is not None:
+
+            def hook(epoch: int, metrics: dict[str, float], i: int = i) -> None:
+                on_epoch(epoch, {f"member{i}.{k}": v for k, v in metrics.items()})
+
+        results.append(
+            train_model(net, series, replace(cfg, seed=seed), hook, progress, desc=f"member {i + 1}/{config.members}")
+        )
+        nets.append(net)
+    result = TrainResult(
+        best_val_loss=float(np.mean([r.best_val_loss for r in results])),
+        stopped_early=all(r.stopped_early for r in results),
+        seconds=time.perf_counter() - started,
+        seed=cfg.seed,
+        members=results,
+    )
+    return pack_members(nets), result
+
+
+def member_seeds(seed: int, members: int) -> list[int]:
+    """Member i trains from seed + 1000 i: member 0 is the single network of the same seed."""
+    return [seed + 1000 * i for i in range(members)]
+
+
 def train_model(
     model: Forecaster,
     series: Sequence,
     cfg: TrainConfig,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    desc: str = "train",
 ) -> TrainResult:
-    """Fit ``model`` in place on the training parts of ``series`` (objects with ``values`` (T,),
-    ``timestamps_ms`` (T,) and ``covariates`` (T, C)); keep the weights of the best validation
-    epoch. ``on_epoch(epoch, metrics)`` is called after each epoch (MLflow logging)."""
+    """Fit ``model`` (one network: members 1) in place on the training parts of ``series``
+    (objects with ``values`` (T,), ``timestamps_ms`` (T,) and ``covariates`` (T, C)); keep the
+    weights of the best validation epoch. ``on_epoch(epoch, metrics)`` is called after each epoch
+    (MLflow logging)."""
+    if model.config.members != 1:
+        raise ValueError("train_model fits one network; train a model of members with train_forecaster")
     torch.manual_seed(cfg.seed)
     keep_freed_memory()
     if cfg.threads:
@@ -253,13 +317,13 @@ def train_model(
     steps_per_epoch = math.ceil(len(train_w.starts) / cfg.batch_size)
     total = steps_per_epoch * cfg.max_epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, warmup=steps_per_epoch))
-    result = TrainResult()
+    result = TrainResult(seed=cfg.seed)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     started = time.perf_counter()
     # Redrawn at most every 2 s when stderr is a log file rather than a terminal.
     bar = tqdm(
         total=total,
-        desc="train",
+        desc=desc,
         unit="step",
         disable=not progress,
         file=sys.stderr,
@@ -342,10 +406,19 @@ def forecast_series(model: Forecaster, series) -> np.ndarray:
     return model.unscale_values(model.forecast_all_z(values, ts, cov))[0].numpy()
 
 
-def build_model(config: ModelConfig, series: Sequence, seed: int) -> Forecaster:
-    """A fresh model whose scaling statistics come from the given (training) series."""
+def scaled_config(config: ModelConfig, series: Sequence) -> ModelConfig:
+    """``config`` with the scaling statistics of the given (training) series."""
     stats = fit_scaling(
         [s.values for s in series], [np.asarray(s.covariates).reshape(len(s.values), -1) for s in series]
     )
+    return replace(config, **stats)
+
+
+def _seeded_model(config: ModelConfig, seed: int) -> Forecaster:
     torch.manual_seed(seed)
-    return Forecaster(replace(config, **stats))
+    return Forecaster(config)
+
+
+def build_model(config: ModelConfig, series: Sequence, seed: int) -> Forecaster:
+    """A fresh single network whose scaling statistics come from the given (training) series."""
+    return _seeded_model(scaled_config(config, series), seed)

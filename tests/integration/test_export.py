@@ -49,6 +49,19 @@ def test_graphs_follow_the_contract_and_agree(tmp_path, cell, covariates):
         assert ("LSTM" if cell == "lstm" else "GRU") in ops  # native recurrent ops, not unrolled
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_model_of_members_exports_as_one_plain_recurrent_graph(tmp_path, cell):
+    model = train_tiny(cell, epochs=1, members=2)
+    report = export_model(model, tmp_path, metadata={"target": "load", "mlflow_run_id": "r1"})
+    assert report.worst < PARITY_TOLERANCE
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert inputs["h"][2] == 16  # the state holds both members: H = hidden_size
+    assert ("LSTM" if cell == "lstm" else "GRU") in {n.op_type for n in proto.graph.node}
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["hidden_size"] == "16" and json.loads(meta["model_config"])["members"] == 2
+
+
 def test_a_wrong_gru_export_is_caught(tmp_path):
     """The historical exporter bug: GRU with the wrong linear_before_reset gives silently wrong
     numbers. Parity must catch exactly that."""

@@ -55,3 +55,26 @@ def test_a_fit_logs_everything_to_one_run(mlflow_store, tmp_path):
     assert version.tags["horizon"] == "12" and float(version.tags["backtest_mase"]) == outcome.backtest.metrics["mase"]
     assert version.tags["data_fingerprint"] == params["data_fingerprint.sha256"]
     assert run.data.tags["promoted"] == "True"
+
+
+def test_a_fit_of_members_logs_each_member_and_rebuilds_the_packed_model(mlflow_store, tmp_path):
+    csv = write_hourly_csv(tmp_path / "loads.csv", days=45)
+    cfg_path = write_config(tmp_path / "loads.yaml", csv)
+    cfg = load_config(cfg_path, ["train.max_epochs=1", "model.hidden_size=16", "model.members=2"])
+    outcome = fit(cfg, cfg_path, progress=False)
+
+    client = MlflowClient()
+    run = client.get_run(outcome.run_id)
+    assert run.data.params["model.members"] == "2"
+    for member in (0, 1):
+        for key in ("train_loss", "val_loss", "grad_norm_mean", "clipped_share", "lr"):
+            assert [m.step for m in client.get_metric_history(outcome.run_id, f"member{member}.{key}")] == [1]
+        assert run.data.metrics[f"member{member}.best_epoch"] == 1
+    training = outcome.summary()["training"]
+    seed = cfg.train.seed
+    assert training["epochs"] == 2 and [m["seed"] for m in training["members"]] == [seed, seed + 1000]
+
+    local = Path(mlflow.artifacts.download_artifacts(run_id=outcome.run_id, artifact_path="pytorch"))
+    rebuilt = load_state(local)
+    assert rebuilt.config.members == 2 and rebuilt.config.hidden_size == 16
+    assert outcome.parity["step_x_T_vs_sequence"] < 1e-4

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.model import Forecaster, ModelConfig
+from training.model import Forecaster, ModelConfig, pack_members
 
 MONDAY_2014_01_06 = 1_388_966_400_000  # 2014-01-06 00:00 UTC
 
@@ -72,6 +72,7 @@ def test_state_carries_history():
         (dict(quantiles=(0.9, 0.1)), "strictly increasing"),
         (dict(quantiles=(0.0, 0.5)), "strictly increasing"),
         (dict(horizon=0), "model.horizon"),
+        (dict(hidden_size=10, members=3), "split evenly"),
         (
             dict(covariates=("a",), covariate_loc=(0.0, 1.0), covariate_scale=(1.0, 1.0)),
             "one entry per covariate",
@@ -92,3 +93,35 @@ def test_holiday_flags_for_today_and_tomorrow():
     assert today.tolist() == [0.0, 1.0, 0.0] and tomorrow.tolist() == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="ISO dates"):
         ModelConfig(holidays=("25/12/2014",))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_packed_members_forecast_exactly_the_mean_of_the_networks(cell):
+    nets = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        nets.append(Forecaster(ModelConfig(cell=cell, hidden_size=4, num_layers=2, horizon=5)).eval())
+    packed = pack_members(nets)
+    assert packed.config.hidden_size == 12 and packed.config.members == 3 and packed.config.member_size == 4
+    values = torch.rand(2, 30) * 3 + 1
+    ts = (MONDAY_2014_01_06 + torch.arange(30) * 1_800_000).repeat(2, 1)
+    with torch.no_grad():
+        each = torch.stack([n.forecast_all_z(values, ts) for n in nets])
+        np.testing.assert_allclose(packed.forecast_all_z(values, ts), each.mean(dim=0), rtol=1e-5, atol=1e-6)
+        # Stepping the packed state (the serving path) agrees too, and its state is the members' states side by side.
+        h, c = packed.zero_state(2)
+        _, h1, c1 = packed(values[:, :10], ts[:, :10], None, h, c)
+        out, _, _ = packed(values[:, 10:], ts[:, 10:], None, h1, c1)
+        np.testing.assert_allclose(out, packed.unscale_values(packed.forecast_all_z(values, ts)[:, -1]), rtol=1e-5)
+        h0, c0 = nets[1].zero_state(2)
+        _, member_h, _ = nets[1](values[:, :10], ts[:, :10], None, h0, c0)
+        np.testing.assert_allclose(h1[:, :, 4:8], member_h, rtol=1e-5, atol=1e-6)
+    assert (torch.diff(packed.forecast_all_z(values, ts), dim=-1) >= 0).all()  # still never crosses
+
+
+def test_only_networks_of_one_config_pack():
+    a = Forecaster(ModelConfig(hidden_size=4))
+    with pytest.raises(ValueError, match="one and the same config"):
+        pack_members([a, Forecaster(ModelConfig(hidden_size=6))])
+    with pytest.raises(ValueError, match="one and the same config"):
+        pack_members([pack_members([a, a]), a])

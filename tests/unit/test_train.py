@@ -16,7 +16,10 @@ from training.train import (
     build_model,
     clip_gradients,
     fit_scaling,
+    member_seeds,
     pinball_loss,
+    scaled_config,
+    train_forecaster,
     train_model,
 )
 
@@ -116,3 +119,27 @@ def test_pinball_loss_equals_the_textbook_definition_over_masked_points():
         diff = target[b, t].unsqueeze(-1) - pred[b, t]  # (h, Q)
         expected.append(torch.maximum(q * diff, (q - 1) * diff).mean())
     assert float(pinball_loss(pred, target, mask, q)) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+
+
+def test_members_train_one_after_another_each_as_its_own_network():
+    series = [synthetic_series(n=48 * 12)]
+    cfg = TrainConfig(window=96, batch_size=32, max_epochs=2, stride=24, burn_in=12, seed=5)
+    config = scaled_config(ModelConfig(hidden_size=16, num_layers=1, horizon=6, members=2), series)
+    seen = []
+    model, result = train_forecaster(config, series, cfg, on_epoch=lambda e, m: seen.append((e, m)), progress=False)
+    assert model.config.members == 2 and model.config.hidden_size == 16
+    assert [r.seed for r in result.members] == member_seeds(5, 2) == [5, 1005]
+    assert result.epochs == 4 and result.summary()["members"][1]["seed"] == 1005
+    assert [e for e, _ in seen] == [1, 2, 1, 2]
+    assert set(seen[0][1]) >= {"member0.train_loss", "member0.grad_norm_max"} and "member1.val_loss" in seen[2][1]
+    # Member 0 is exactly the single network of the same seed, and it lives in the first half of every gate.
+    single, single_result = train_forecaster(
+        scaled_config(ModelConfig(hidden_size=8, num_layers=1, horizon=6), series), series, cfg, progress=False
+    )
+    assert single_result.history == result.members[0].history
+    packed_hh = model.rnn.weight_hh_l0.detach()
+    for gate in range(4):
+        assert torch.equal(packed_hh[gate * 16 : gate * 16 + 8, :8], single.rnn.weight_hh_l0[gate * 8 : (gate + 1) * 8])
+        assert not packed_hh[gate * 16 : gate * 16 + 8, 8:].any()  # never reads member 1's units
+    with pytest.raises(ValueError, match="train_forecaster"):
+        train_model(model, series, cfg, progress=False)
