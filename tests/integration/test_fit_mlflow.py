@@ -11,20 +11,25 @@ import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import Run
 
 from tests.e2e.test_fit_cli import write_config, write_hourly_csv
-from training.config import load_config
-from training.pipeline import fit, load_state
+from training.config import FitConfig, load_config
+from training.pipeline import FitOutcome, fit, load_state
+
+
+def fit_two_sites(tmp_path: Path, overrides: list[str]) -> tuple[FitConfig, FitOutcome, Run]:
+    """Fit the two-site hourly CSV of the CLI tests into the test's MLflow store."""
+    csv = write_hourly_csv(tmp_path / "loads.csv", days=45)
+    cfg_path = write_config(tmp_path / "loads.yaml", csv)
+    cfg = load_config(cfg_path, overrides)
+    outcome = fit(cfg, cfg_path, progress=False)
+    return cfg, outcome, MlflowClient().get_run(outcome.run_id)
 
 
 def test_a_fit_logs_everything_to_one_run(mlflow_store, tmp_path):
-    csv = write_hourly_csv(tmp_path / "loads.csv", days=45)
-    cfg_path = write_config(tmp_path / "loads.yaml", csv)
-    cfg = load_config(cfg_path, ["train.max_epochs=2", "model.cell=lstm", "train.clip_value=0.5"])
-    outcome = fit(cfg, cfg_path, progress=False)
-
+    _, outcome, run = fit_two_sites(tmp_path, ["train.max_epochs=2", "model.cell=lstm", "train.clip_value=0.5"])
     client = MlflowClient()
-    run = client.get_run(outcome.run_id)
     params, metrics = run.data.params, run.data.metrics
     assert params["train.clip_norm"] == "1.0" and params["train.clip_value"] == "0.5"
     assert params["model.cell"] == "lstm" and params["data.series_col"] == "site"
@@ -58,13 +63,8 @@ def test_a_fit_logs_everything_to_one_run(mlflow_store, tmp_path):
 
 
 def test_a_fit_of_members_logs_each_member_and_rebuilds_the_packed_model(mlflow_store, tmp_path):
-    csv = write_hourly_csv(tmp_path / "loads.csv", days=45)
-    cfg_path = write_config(tmp_path / "loads.yaml", csv)
-    cfg = load_config(cfg_path, ["train.max_epochs=1", "model.hidden_size=16", "model.members=2"])
-    outcome = fit(cfg, cfg_path, progress=False)
-
+    cfg, outcome, run = fit_two_sites(tmp_path, ["train.max_epochs=1", "model.hidden_size=16", "model.members=2"])
     client = MlflowClient()
-    run = client.get_run(outcome.run_id)
     assert run.data.params["model.members"] == "2"
     for member in (0, 1):
         for key in ("train_loss", "val_loss", "grad_norm_mean", "clipped_share", "lr"):
