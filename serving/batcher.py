@@ -60,10 +60,6 @@ class MicroBatcher:
         self._wake.set()
         return future
 
-    async def submit(self, item: Any, size: int, owner: object = None) -> Any:
-        """Queue an item and wait for its result (or raise its exception)."""
-        return await self.enqueue(item, size, owner)
-
     async def close(self) -> None:
         """Stop the dispatcher after the pending items are processed."""
         self._closed = True

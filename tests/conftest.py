@@ -1,8 +1,8 @@
 """Shared fixtures: real tiny models, trained for seconds on synthetic seasonal series, exported
 to the real ONNX graphs, and a real MLflow registry (sqlite in a temp dir).
 
-Tests build models through the same code paths users run (``build_model`` -> ``train_model`` ->
-``export_model`` -> ``log_and_register``), just smaller.
+Tests build models through the same code paths users run (``train_forecaster`` -> ``export_model``
+-> ``log_and_register``), just smaller.
 """
 
 from __future__ import annotations

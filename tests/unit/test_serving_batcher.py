@@ -26,9 +26,9 @@ def test_items_arriving_while_a_batch_runs_go_together_in_the_next_one():
 
     async def main():
         b = MicroBatcher(rec, max_batch_size=64)
-        first = asyncio.ensure_future(b.submit(1, 1))  # runs alone...
+        first = b.enqueue(1, 1)  # runs alone...
         await asyncio.sleep(0.01)
-        rest = await asyncio.gather(*(b.submit(i, 2) for i in (2, 3, 4)))  # ...these queue meanwhile
+        rest = await asyncio.gather(*(b.enqueue(i, 2) for i in (2, 3, 4)))  # ...these queue meanwhile
         await b.close()
         return await first, rest
 
@@ -42,9 +42,9 @@ def test_max_batch_size_bounds_a_batch_but_an_oversized_item_goes_alone():
 
     async def main():
         b = MicroBatcher(rec, max_batch_size=4)
-        blocker = asyncio.ensure_future(b.submit(0, 1))
+        blocker = b.enqueue(0, 1)
         await asyncio.sleep(0.005)
-        out = await asyncio.gather(*(b.submit(i, size) for i, size in ((1, 3), (2, 2), (3, 9), (4, 1))))
+        out = await asyncio.gather(*(b.enqueue(i, size) for i, size in ((1, 3), (2, 2), (3, 9), (4, 1))))
         await blocker
         await b.close()
         return out
@@ -58,9 +58,9 @@ def test_delay_gathers_items_arriving_within_it():
 
     async def main():
         b = MicroBatcher(rec, max_batch_size=64, max_batch_delay_s=0.05)
-        a = asyncio.ensure_future(b.submit(1, 1))
+        a = b.enqueue(1, 1)
         await asyncio.sleep(0.01)  # within the delay of the first
-        c = asyncio.ensure_future(b.submit(2, 1))
+        c = b.enqueue(2, 1)
         await asyncio.gather(a, c)
         await b.close()
 
@@ -79,10 +79,10 @@ def test_a_bad_item_fails_alone_and_a_failing_batch_does_not_stop_the_batcher():
 
     async def main():
         b = MicroBatcher(process, max_batch_size=8)
-        ok, bad = await asyncio.gather(b.submit("ok", 1), b.submit("bad", 1), return_exceptions=True)
+        ok, bad = await asyncio.gather(b.enqueue("ok", 1), b.enqueue("bad", 1), return_exceptions=True)
         with pytest.raises(RuntimeError, match="boom"):
-            await b.submit("x", 1)
-        after = await b.submit("after", 1)
+            await b.enqueue("x", 1)
+        after = await b.enqueue("after", 1)
         await b.close()
         return ok, bad, after
 

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from tests.conftest import synthetic_series
-from training.model import ModelConfig
+from training.model import Forecaster, ModelConfig
 from training.train import (
     TrainConfig,
     TrainingError,
-    build_model,
     clip_gradients,
     fit_scaling,
     member_seeds,
@@ -27,7 +26,8 @@ SMALL = TrainConfig(window=96, batch_size=32, max_epochs=5, stride=4, burn_in=12
 
 
 def small_model(series, **kw):
-    return build_model(ModelConfig(hidden_size=16, num_layers=1, horizon=6, **kw), series, seed=0)
+    torch.manual_seed(0)
+    return Forecaster(scaled_config(ModelConfig(hidden_size=16, num_layers=1, horizon=6, **kw), series))
 
 
 def test_clipping_bounds_the_applied_update_under_an_exploding_gradient():
