@@ -1,21 +1,93 @@
 """Prometheus metrics of one server, on its own registry (no process-global state).
 
 Gauges that describe the data plane (live series, state bytes, streams) are computed when
-scraped, so the hot path only pays for counters and histograms.
+scraped. The per-message metrics (observations, stream messages, latency) are plain Python
+numbers that only the event loop thread updates, read by the scrape: prometheus_client's own
+counter and histogram take a lock per update, ~1.7 µs of the three per stream message, which is
+2% of all the server's CPU per message at 64 one-observation streams.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class LoopCounter:
+    """A counter for one thread's hot path (no lock): the scrape reads `value`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class LoopHistogram:
+    """A histogram for one thread's hot path (no lock). The scrape copies `counts` (one list
+    copy, atomic under the GIL), so its buckets are consistent; `sum` may lag by one update."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = list(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # bucket le=b holds values <= b
+        self.sum += value
+
+
+class _LoopFamilies(Collector):
+    """Exposes labelled LoopCounters and LoopHistograms in the standard text format."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, tuple[str, tuple[str, ...], dict[tuple[str, ...], LoopCounter]]] = {}
+        self._histograms: dict[str, tuple[str, tuple[str, ...], Sequence[float], dict]] = {}
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> dict[tuple[str, ...], LoopCounter]:
+        children: dict[tuple[str, ...], LoopCounter] = {}
+        self._counters[name] = (doc, labels, children)
+        return children
+
+    def histogram(
+        self, name: str, doc: str, labels: tuple[str, ...], bounds: Sequence[float]
+    ) -> dict[tuple[str, ...], LoopHistogram]:
+        children: dict[tuple[str, ...], LoopHistogram] = {}
+        self._histograms[name] = (doc, labels, bounds, children)
+        return children
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (doc, labels, children) in self._counters.items():
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for key, child in list(children.items()):
+                family.add_metric(key, child.value)
+            yield family
+        for name, (doc, labels, bounds, children) in self._histograms.items():
+            family = HistogramMetricFamily(name, doc, labels=labels)
+            for key, child in list(children.items()):
+                counts, total = list(child.counts), child.sum
+                cumulative, buckets = 0, []
+                for bound, count in zip([*bounds, float("inf")], counts):
+                    cumulative += count
+                    buckets.append((floatToGoString(bound), cumulative))
+                family.add_metric(key, buckets, total)
+            yield family
 
 
 class Metrics:
@@ -25,12 +97,15 @@ class Metrics:
         self.requests = Counter(
             "forecast_requests", "RPCs finished (a stream counts once)", ["rpc", "code"], registry=r
         )
-        self.messages = Counter("forecast_stream_messages", "StreamForecast messages answered", registry=r)
-        self.observations = Counter("forecast_observations", "Steps forecast", ["rpc"], registry=r)
-        self.latency = Histogram(
-            "forecast_latency_seconds", "Server time per unary call or per stream message", ["rpc"],
-            buckets=lat, registry=r,
-        )  # fmt: skip
+        # Updated by the event loop thread only (see the module docstring).
+        hot = _LoopFamilies()
+        self._messages = hot.counter("forecast_stream_messages", "StreamForecast messages answered")
+        self._observations = hot.counter("forecast_observations", "Steps forecast", ("rpc",))
+        self._latency = hot.histogram(
+            "forecast_latency_seconds", "Server time per unary call or per stream message", ("rpc",), lat
+        )
+        self._messages[()] = LoopCounter()  # unlabelled: exposed from the start, at 0
+        r.register(hot)
         self.batch_size = Histogram("forecast_batch_size", "Rows per step ORT call", buckets=sizes, registry=r)
         self.ort_seconds = Histogram("forecast_ort_step_seconds", "Seconds per step ORT call", buckets=lat, registry=r)
         self.expired = Counter("forecast_series_expired", "Series freed by the idle timeout", registry=r)
@@ -46,6 +121,15 @@ class Metrics:
         self.state_bytes = Gauge("forecast_state_bytes", "Bytes of preallocated series state", registry=r)
         self.streams = Gauge("forecast_active_streams", "Open StreamForecast calls", registry=r)
         self.loaded_versions = Gauge("forecast_loaded_versions", "Model versions in memory", registry=r)
+
+    def messages(self) -> LoopCounter:
+        return self._messages[()]
+
+    def observations(self, rpc: str) -> LoopCounter:
+        return self._observations.setdefault((rpc,), LoopCounter())
+
+    def latency(self, rpc: str) -> LoopHistogram:
+        return self._latency.setdefault((rpc,), LoopHistogram(_LATENCY_BUCKETS))
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)

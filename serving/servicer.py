@@ -78,8 +78,8 @@ class ForecasterServicer:
             groups = await self._plane.forecast(histories_from(request), request.model)
         except Exception as exc:
             await self._abort(context, "Forecast", exc)
-        self._metrics.latency.labels("Forecast").observe(time.perf_counter() - started)
-        self._metrics.observations.labels("Forecast").inc(len(request.series))
+        self._metrics.latency("Forecast").observe(time.perf_counter() - started)
+        self._metrics.observations("Forecast").inc(len(request.series))
         self._metrics.requests.labels("Forecast", "OK").inc()
         return self._encoder.encode_groups(groups, len(request.series))
 
@@ -99,8 +99,9 @@ class ForecasterServicer:
         incoming = aiter(requests)
         inflight: asyncio.Queue | None = None  # set once the stream reads ahead
         reader: asyncio.Task | None = None
-        latency = self._metrics.latency.labels("StreamForecast")
-        observed = self._metrics.observations.labels("StreamForecast")
+        latency = self._metrics.latency("StreamForecast")
+        observed = self._metrics.observations("StreamForecast")
+        messages = self._metrics.messages()
         try:
             while True:
                 if inflight is None:
@@ -126,7 +127,7 @@ class ForecasterServicer:
                 answer = self._encoder.encode_groups(await step, n)
                 latency.observe(time.perf_counter() - started)
                 observed.inc(n)
-                self._metrics.messages.inc()
+                messages.inc()
                 yield answer
                 if self._draining:  # the message in flight is answered; now let the client go
                     break

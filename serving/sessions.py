@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +35,9 @@ if TYPE_CHECKING:
     from serving.model_store import LoadedModel
 
 SeriesRef = tuple["LoadedModel", int]  # (version the series runs on, its row in that arena)
+# Request positions 0..n-1 for the usual one-wave request: a read-only view instead of an arange.
+_POSITIONS = np.arange(4096, dtype=np.int64)
+_POSITIONS.flags.writeable = False
 
 
 class StreamSession:
@@ -121,19 +123,25 @@ class StreamSession:
         self, obs: Observations, positions: list[int] | None, retired: list[SeriesRef]
     ) -> list[asyncio.Future]:
         """Queue the observations at `positions` (None: all of them), whose series are distinct."""
-
-        def pick(column: Sequence) -> Sequence:
-            return column if positions is None else [column[i] for i in positions]
-
-        ids = pick(obs.series_ids)
-        index = np.arange(len(ids)) if positions is None else np.array(positions, np.int64)
-        refs: list[SeriesRef | None] = [self._series.get(s) for s in ids]
-        resets = pick(obs.reset)
+        if positions is None:  # the usual case: one wave of the whole request, no copies
+            ids, values, ts, cov = obs.series_ids, obs.values, obs.timestamps_ms, obs.covariates
+            resets, ends = obs.reset, obs.end
+            index = _POSITIONS[: len(ids)] if len(ids) <= len(_POSITIONS) else np.arange(len(ids))
+        else:
+            ids, values, ts, cov, resets, ends = (
+                [column[i] for i in positions]
+                for column in (obs.series_ids, obs.values, obs.timestamps_ms, obs.covariates, obs.reset, obs.end)
+            )
+            index = np.array(positions, np.int64)
+        get = self._series.get
+        refs: list[SeriesRef | None] = [get(s) for s in ids]
         if any(resets):
             fresh = [k for k, (ref, reset) in enumerate(zip(refs, resets)) if ref is None or reset]
             retired += [self._series.pop(ids[k]) for k in fresh if refs[k] is not None]  # a reset starts afresh
-        else:
+        elif None in refs:
             fresh = [k for k, ref in enumerate(refs) if ref is None]
+        else:
+            fresh = []
         now = time.monotonic()
         if fresh:
             current = self._plane.models.get()
@@ -144,32 +152,35 @@ class StreamSession:
             for k, sid, row in zip(fresh, new_ids, rows.tolist()):
                 refs[k] = self._series[sid] = (current, row)
 
-        models = {ref[0] for ref in refs}
-        if len(models) == 1:  # the usual case: every series of the wave on one version
-            parts = {models.pop(): None}
+        model = refs[0][0] if refs else None
+        if all(ref[0] is model for ref in refs):  # the usual case: every series of the wave on one version
+            parts: dict[LoadedModel, list[int] | None] = {model: None} if refs else {}
         else:
-            lists: dict[LoadedModel, list[int]] = {}
+            parts = {}
             for k, ref in enumerate(refs):
-                lists.setdefault(ref[0], []).append(k)
-            parts = lists
-        values, ts, cov = pick(obs.values), pick(obs.timestamps_ms), pick(obs.covariates)
+                parts.setdefault(ref[0], []).append(k)
         futures = []
         for model, ks in parts.items():
-
-            def sub(column: Sequence, ks: list[int] | None = ks) -> Sequence:
-                return column if ks is None else [column[k] for k in ks]
-
-            rows = np.fromiter([ref[1] for ref in sub(refs)], np.int64)
+            chunk_refs, chunk_ids, chunk_ts, chunk_values, chunk_cov = columns = (refs, ids, ts, values, cov)
+            chunk_index = index
+            if ks is not None:
+                chunk_refs, chunk_ids, chunk_ts, chunk_values, chunk_cov = ([c[k] for k in ks] for c in columns)
+                chunk_index = index[ks]
+            rows = [ref[1] for ref in chunk_refs]
             arena = model.arena
-            arena.last_used[rows] = now  # in use: the idle sweeper must not take these rows
+            if len(rows) == 1:  # scalar indexing: a fraction of the cost of numpy's fancy indexing
+                row = rows[0]
+                arena.last_used[row] = now  # in use: the idle sweeper must not take this row
+                epochs = [int(arena.epoch[row])]
+            else:
+                arena.last_used[rows] = now
+                epochs = arena.epoch[rows].tolist()
             chunk = StepChunk(
-                index=index if ks is None else index[ks],
-                series_ids=sub(ids), rows=rows, epochs=arena.epoch[rows], timestamps_ms=sub(ts),
-                values=sub(values), covariates=sub(cov),
+                index=chunk_index, series_ids=chunk_ids, rows=rows, epochs=epochs,
+                timestamps_ms=chunk_ts, values=chunk_values, covariates=chunk_cov,
             )  # fmt: skip
             futures.append(model.batcher.enqueue(chunk, len(rows), self))
 
-        ends = pick(obs.end)
         if any(ends):  # answered, then freed: later requests start these series afresh
             retired += [self._series.pop(sid) for sid, end in zip(ids, ends) if end and sid in self._series]
         return futures

@@ -56,8 +56,9 @@ class StepChunk:
 
     index: np.ndarray  # int64 [n], positions in the request
     series_ids: Sequence[str]
-    rows: np.ndarray  # int64 [n], state rows in the version's arena
-    epochs: np.ndarray  # int64 [n], the rows' epochs when the chunk was queued
+    # Plain sequences, like the inputs: arrays are built once per batch, not per request.
+    rows: Sequence[int]  # [n] state rows in the version's arena
+    epochs: Sequence[int]  # [n] the rows' epochs when the chunk was queued
     timestamps_ms: Sequence[int]
     values: Sequence[float]
     covariates: Sequence[Sequence[float]]  # per observation
@@ -79,16 +80,21 @@ class StepProcessor:
 
     async def __call__(self, chunks: list[StepChunk]) -> list[list[ForecastGroup] | ServingError]:
         arena = self._arena
-        rows = np.concatenate([c.rows for c in chunks])
-        epochs = np.concatenate([c.epochs for c in chunks])
+        total = sum(len(c.rows) for c in chunks)
+        rows = np.fromiter(_chain(c.rows for c in chunks), np.int64, total)
+        epochs = np.fromiter(_chain(c.epochs for c in chunks), np.int64, total)
         if (arena.epoch[rows] == epochs).all():  # the usual case: one comparison for the batch
             return await self._process(chunks, rows, epochs)
         # Some series were freed while their chunk waited (the stream went away): nobody waits
         # for those chunks, and their rows may already belong to other series.
-        live = [(arena.epoch[c.rows] == c.epochs).all() for c in chunks]
+        live = [(arena.epoch[np.asarray(c.rows, np.int64)] == np.asarray(c.epochs, np.int64)).all() for c in chunks]
         kept = [c for c, ok in zip(chunks, live) if ok]
         done = iter(
-            await self._process(kept, np.concatenate([c.rows for c in kept]), np.concatenate([c.epochs for c in kept]))
+            await self._process(
+                kept,
+                np.fromiter(_chain(c.rows for c in kept), np.int64),
+                np.fromiter(_chain(c.epochs for c in kept), np.int64),
+            )
             if kept
             else ()
         )
