@@ -1,10 +1,15 @@
 """Accuracy on elecdemand: backtest MASE of the default model over seeds, against baselines.
 
 python -m bench.accuracy [--seeds 0 1 2] [--config configs/elecdemand.yaml] [--set k=v ...]
+                         [--variants ...] [--results NAME]
 
 Runs the default config from demand and calendar alone, and again with temperature and workday
 as covariates; the same rolling-origin backtest as `fit` (test_fraction 0.2, one origin a day,
-horizon 48). No MLflow: this measures the model, not the bookkeeping.
+horizon 48). No MLflow: this measures the model, not the bookkeeping. Writes
+bench/results/NAME.json (default: accuracy). The five-member ensemble config:
+
+    python -m bench.accuracy --config configs/elecdemand-ensemble.yaml --variants demand+calendar \
+        --results accuracy-ensemble      # about 35 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--results", default="accuracy", help="results file name under bench/results/ (NAME.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -74,7 +80,7 @@ def main() -> None:
         f"elecdemand backtest (target MASE <= {TARGET_MASE})",
     )
     path = write_results(
-        "accuracy",
+        args.results,
         {
             "config": args.config,
             "overrides": args.overrides,

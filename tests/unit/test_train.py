@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import synthetic_series
+from training.config import load_config
 from training.model import Forecaster, ModelConfig
 from training.train import (
     TrainConfig,
@@ -143,3 +145,10 @@ def test_members_train_one_after_another_each_as_its_own_network():
         assert not packed_hh[gate * 16 : gate * 16 + 8, 8:].any()  # never reads member 1's units
     with pytest.raises(ValueError, match="train_forecaster"):
         train_model(model, series, cfg, progress=False)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.data.source == "elecdemand" and cfg.model.hidden_size % cfg.model.members == 0
+    assert all(day.startswith("2014-") for day in cfg.model.holidays)
