@@ -8,6 +8,7 @@ version gets alias ``candidate``; ``production`` moves only through :func:`promo
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,11 @@ def log_and_register(
     outputs = dict(
         zip([o.name for o in step.graph.output], cpu_session(model_dir / STEP_FILE).run(None, input_example))
     )
+    # MLflow's check of the input example patches os.environ process-wide to record the variables
+    # it reads, and fails with "Set changed size during iteration" when another thread (a
+    # server's alias watcher, in the tests) reads one meanwhile. The record only serves
+    # Databricks' endpoints; set the variable to true to have it anyway.
+    os.environ.setdefault("MLFLOW_RECORD_ENV_VARS_IN_MODEL_LOGGING", "false")
     info = mlflow.onnx.log_model(
         step,
         name="model",
