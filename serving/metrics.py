@@ -126,10 +126,16 @@ class Metrics:
         return self._messages[()]
 
     def observations(self, rpc: str) -> LoopCounter:
-        return self._observations.setdefault((rpc,), LoopCounter())
+        child = self._observations.get((rpc,))
+        if child is None:
+            child = self._observations[(rpc,)] = LoopCounter()
+        return child
 
     def latency(self, rpc: str) -> LoopHistogram:
-        return self._latency.setdefault((rpc,), LoopHistogram(_LATENCY_BUCKETS))
+        child = self._latency.get((rpc,))
+        if child is None:
+            child = self._latency[(rpc,)] = LoopHistogram(_LATENCY_BUCKETS)
+        return child
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)
