@@ -152,3 +152,11 @@ def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
     assert cfg.data.source == "elecdemand" and cfg.model.hidden_size % cfg.model.members == 0
     assert all(day.startswith("2014-") for day in cfg.model.holidays)
+
+
+def test_the_ensemble_config_is_the_default_with_five_members():
+    """What README and docs/benchmarks.md say of configs/elecdemand-ensemble.yaml."""
+    configs = Path(__file__).parents[2] / "configs"
+    ensemble = load_config(configs / "elecdemand-ensemble.yaml")
+    assert ensemble.model.members == 5 and ensemble.model.member_size == 64
+    assert ensemble == load_config(configs / "elecdemand.yaml", ["model.hidden_size=320", "model.members=5"])
