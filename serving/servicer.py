@@ -35,7 +35,11 @@ DRAINING_MESSAGE = "server is shutting down; reconnect (series state on this ser
 def observations_from(request: pb.StreamRequest) -> Observations:
     # One pass over the messages: field access is the per-observation cost that matters here.
     # The repeated covariates stay protobuf containers until the batch is assembled.
-    fields = [(o.series_id, o.timestamp_ms, o.value, o.covariates, o.reset, o.end) for o in request.observations]
+    observations = request.observations
+    if len(observations) == 1:  # one observation per message: no zip and unpacking
+        o = observations[0]
+        return Observations((o.series_id,), (o.timestamp_ms,), (o.value,), (o.covariates,), (o.reset,), (o.end,))
+    fields = [(o.series_id, o.timestamp_ms, o.value, o.covariates, o.reset, o.end) for o in observations]
     if not fields:
         return Observations([], [], [], [], [], [])
     ids, ts, values, covariates, reset, end = zip(*fields)

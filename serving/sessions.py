@@ -61,8 +61,15 @@ class StreamSession:
         """
         self._plane.models.get(model_name)  # unknown model or none loaded yet: refuse up front
         validation.check_series_ids(obs.series_ids)
-        waves = validation.occurrence_waves(obs.series_ids)
         retired: list[SeriesRef] = []  # rows to free once this request is answered
+        if len(obs.series_ids) == 1:  # one observation per message: its own, shorter path
+            try:
+                future = self._submit_one(obs, retired)
+            except BaseException:
+                self._retire_later(retired)
+                raise
+            return self._gather([future], self._retire_later(retired)) if retired else future
+        waves = validation.occurrence_waves(obs.series_ids)
         futures: list[asyncio.Future] = []
         try:
             for positions in waves or (None,):
@@ -184,6 +191,31 @@ class StreamSession:
         if any(ends):  # answered, then freed: later requests start these series afresh
             retired += [self._series.pop(sid) for sid, end in zip(ids, ends) if end and sid in self._series]
         return futures
+
+    def _submit_one(self, obs: Observations, retired: list[SeriesRef]) -> asyncio.Future:
+        """_submit_wave for a request of one observation, in scalars: same rules, a few µs less
+        per message, which is what many one-observation streams pay for."""
+        sid = obs.series_ids[0]
+        ref = self._series.get(sid)
+        if ref is not None and obs.reset[0]:  # a reset starts afresh
+            retired.append(self._series.pop(sid))
+            ref = None
+        now = time.monotonic()
+        if ref is None:
+            current = self._plane.models.get()
+            self._plane.reserve(1, validation.where(0, sid))
+            ref = self._series[sid] = (current, int(current.arena.alloc([(self, sid)], now)[0]))
+        model, row = ref
+        arena = model.arena
+        arena.last_used[row] = now  # in use: the idle sweeper must not take this row
+        chunk = StepChunk(
+            index=_POSITIONS[:1], series_ids=obs.series_ids, rows=[row], epochs=[int(arena.epoch[row])],
+            timestamps_ms=obs.timestamps_ms, values=obs.values, covariates=obs.covariates,
+        )  # fmt: skip
+        future = model.batcher.enqueue(chunk, 1, self)
+        if obs.end[0]:  # answered, then freed: a later request starts the series afresh
+            retired.append(self._series.pop(sid))
+        return future
 
     def forget(self, series_id: str, model: LoadedModel, row: int) -> bool:
         """Drop a series whose row the idle sweeper is freeing; True if it was still ours."""

@@ -84,6 +84,41 @@ def test_reset_and_end_start_a_series_afresh(client, model_dir):
     assert_forecast(responses[2].forecasts[1], first, offline.quantiles, START_MS)
 
 
+def test_one_observation_requests_follow_the_same_rules(client, model_dir):
+    """Requests of one observation take their own path in the server (serving.sessions)."""
+    offline = OfflineModel(model_dir)
+
+    def obs(t, **kw):
+        return {"series_id": "one", "timestamp_ms": START_MS + t * FREQ_MS, "value": level("one", t), **kw}
+
+    requests = [
+        client.request([obs(0)]),
+        client.request([obs(1)]),
+        client.request([obs(0, reset=True)]),
+        client.request([obs(1, end=True)]),
+        client.request([obs(0)]),  # after end: a new series, so going back in time is fine
+        client.request([obs(0)]),  # but not within a series
+    ]
+    call = client.calls["StreamForecast"](iter(requests), timeout=30)
+    responses = []
+    with pytest.raises(grpc.RpcError) as refused:
+        for response in call:
+            responses.append(response)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "observation 0 (series 'one')" in refused.value.details()
+    assert [[f.steps_seen for f in r.forecasts] for r in responses] == [[1], [2], [1], [2], [1]]
+    for t, r in zip([0, 1], responses):
+        assert_forecast(
+            r.forecasts[0],
+            offline.step_one("a", START_MS + t * FREQ_MS, level("one", t)),
+            offline.quantiles,
+            START_MS + t * FREQ_MS,
+        )
+    first = OfflineModel(model_dir).step_one("b", START_MS, level("one", 0))
+    for r in (responses[2], responses[4]):
+        assert_forecast(r.forecasts[0], first, offline.quantiles, START_MS)
+
+
 def test_unary_forecast_equals_the_offline_sequence_graph(client, model_dir):
     offline = OfflineModel(model_dir)
     lengths = {"long": 60, "short": 7, "same-a": 30, "same-b": 30}  # equal lengths run together
