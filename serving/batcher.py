@@ -10,7 +10,10 @@ the next batch is ready the moment the ORT call ends. Items whose future was can
 stream went away) are dropped unprocessed.
 
 Batching is opportunistic: while a batch is processed, new items pile up and go together in the
-next one, so batches grow with load without adding latency when idle. `max_batch_delay_s` > 0
+next one, so batches grow with load without adding latency when idle. Before it takes a batch the
+dispatcher lets the event loop turn once more, so the requests whose reads completed in the same
+turn join it (bench/stream.py's 64 one-observation streams: 14 rows per ORT call on average
+without that turn, 24 with it, and 7% less server CPU per message). `max_batch_delay_s` > 0
 adds a wait for more rows when the dispatcher is idle (asyncio timers round sub-millisecond
 waits up to ~1 ms on Linux).
 """
@@ -105,6 +108,10 @@ class MicroBatcher:
                 continue
             if self._delay > 0 and self._pending_rows < self._max:
                 await self._wait_for_more()
+            elif self._pending_rows < self._max:
+                # One more turn of the event loop (see the module docstring): requests read in
+                # this turn queue their steps first and join this batch.
+                await asyncio.sleep(0)
             taken = self._take()
             if not taken:
                 continue
