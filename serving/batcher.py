@@ -10,10 +10,12 @@ the next batch is ready the moment the ORT call ends. Items whose future was can
 stream went away) are dropped unprocessed.
 
 Batching is opportunistic: while a batch is processed, new items pile up and go together in the
-next one, so batches grow with load without adding latency when idle. Before it takes a batch the
-dispatcher lets the event loop turn once more, so the requests whose reads completed in the same
-turn join it (bench/stream.py's 64 one-observation streams: 14 rows per ORT call on average
-without that turn, 24 with it, and 7% less server CPU per message). `max_batch_delay_s` > 0
+next one, so batches grow with load without adding latency when idle. Before it takes a batch of
+fewer than `turn_below_rows` rows, the dispatcher lets the event loop turn once more, so the
+requests whose reads completed in the same turn join it (bench/stream.py's 64 one-observation
+streams: 14 rows per ORT call on average without that turn, 24 with it, and 7% less server CPU
+per message). Not for larger batches: their ORT call runs on a thread while the loop encodes
+answers, and a turn would let that encoding run first and delay the call. `max_batch_delay_s` > 0
 adds a wait for more rows when the dispatcher is idle (asyncio timers round sub-millisecond
 waits up to ~1 ms on Linux).
 """
@@ -31,10 +33,13 @@ Process = Callable[[list[Any]], Awaitable[Sequence[Any]]]
 
 
 class MicroBatcher:
-    def __init__(self, process: Process, max_batch_size: int, max_batch_delay_s: float = 0.0) -> None:
+    def __init__(
+        self, process: Process, max_batch_size: int, max_batch_delay_s: float = 0.0, turn_below_rows: int = 0
+    ) -> None:
         self._process = process
         self._max = max_batch_size
         self._delay = max_batch_delay_s
+        self._turn_below = turn_below_rows
         self._pending: deque[tuple[Any, int, asyncio.Future, float, object]] = deque()
         self._pending_rows = 0
         self._wake: asyncio.Event | None = None
@@ -108,7 +113,7 @@ class MicroBatcher:
                 continue
             if self._delay > 0 and self._pending_rows < self._max:
                 await self._wait_for_more()
-            elif self._pending_rows < self._max:
+            elif self._pending_rows < self._turn_below:
                 # One more turn of the event loop (see the module docstring): requests read in
                 # this turn queue their steps first and join this batch.
                 await asyncio.sleep(0)

@@ -33,7 +33,7 @@ from serving.domain import ModelDescription
 from serving.errors import ModelContractError, ModelLoadError, ModelNotReady, ServingError, UnknownModel
 from serving.runtime import OrtModel
 from serving.state import StateArena
-from serving.stepper import BatchObserver, StepProcessor
+from serving.stepper import INLINE_MAX_ROWS, BatchObserver, StepProcessor
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,10 @@ class LoadedModel:
             functools.partial(ort_model.step, self.arena), self.arena, spec, version,
             self.executor, batch.max_batch_size, observe_batch,
         )  # fmt: skip
-        self.batcher = MicroBatcher(process, batch.max_batch_size, batch.max_batch_delay_s)
+        # Batches small enough to run on the event loop wait one loop turn for more rows (see batcher).
+        self.batcher = MicroBatcher(
+            process, batch.max_batch_size, batch.max_batch_delay_s, turn_below_rows=INLINE_MAX_ROWS
+        )
         self.max_batch_size = batch.max_batch_size
         self.inflight = 0  # unary calls running on this version
         self.retired = False
