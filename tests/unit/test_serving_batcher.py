@@ -124,3 +124,24 @@ def test_a_cancelled_item_is_dropped_before_its_batch():
 
     assert asyncio.run(main()) == ([0, 20], 0)
     assert rec.batches == [[0], [2]]
+
+
+@pytest.mark.parametrize("turn_below_rows, batches", [(0, [[1], [2], [3]]), (64, [[1, 2], [3]]), (2, [[1], [2, 3]])])
+def test_a_small_batch_waits_one_loop_turn_for_more(turn_below_rows, batches):
+    """Work queued in the loop turn after the dispatcher woke joins its batch when the batch is
+    below turn_below_rows; a later turn's work does not. With the limit 2, item 1 (2 rows) goes
+    at once, and item 2 (1 row) waits a turn, in which item 3 arrives."""
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=64, turn_below_rows=turn_below_rows)
+        loop = asyncio.get_running_loop()
+        futures = [b.enqueue(1, 2 if turn_below_rows == 2 else 1)]
+        loop.call_soon(lambda: futures.append(b.enqueue(2, 1)))  # the next turn (a read completing)
+        loop.call_soon(lambda: loop.call_soon(lambda: futures.append(b.enqueue(3, 1))))  # the one after
+        await asyncio.sleep(0.01)
+        await b.close()
+        return await asyncio.gather(*futures)
+
+    assert asyncio.run(main()) == [10, 20, 30]
+    assert rec.batches == batches
