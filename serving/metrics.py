@@ -126,16 +126,10 @@ class Metrics:
         return self._messages[()]
 
     def observations(self, rpc: str) -> LoopCounter:
-        child = self._observations.get((rpc,))
-        if child is None:
-            child = self._observations[(rpc,)] = LoopCounter()
-        return child
+        return _child(self._observations, (rpc,), LoopCounter)
 
     def latency(self, rpc: str) -> LoopHistogram:
-        child = self._latency.get((rpc,))
-        if child is None:
-            child = self._latency[(rpc,)] = LoopHistogram(_LATENCY_BUCKETS)
-        return child
+        return _child(self._latency, (rpc,), lambda: LoopHistogram(_LATENCY_BUCKETS))
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)
@@ -156,3 +150,11 @@ class Metrics:
         """Start the /metrics HTTP endpoint on a daemon thread; returns (server, bound port)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server, server.server_port
+
+
+def _child(children: dict, key: tuple, make: Callable[[], Any]) -> Any:
+    """The labelled child for key, created on first use (setdefault would build one every call)."""
+    child = children.get(key)
+    if child is None:
+        child = children[key] = make()
+    return child
