@@ -38,6 +38,9 @@ def test_a_fit_logs_everything_to_one_run(mlflow_store, tmp_path):
     for key in ("train_loss", "val_loss", "grad_norm_mean", "grad_norm_max", "clipped_share", "lr"):
         history = client.get_metric_history(outcome.run_id, key)
         assert [m.step for m in history] == [1, 2], key
+    for key in ("finetune_loss", "finetune_grad_norm_max", "finetune_clipped_share"):  # numbered on
+        assert [m.step for m in client.get_metric_history(outcome.run_id, key)] == [3, 4, 5], key
+    assert params["train.finetune_passes"] == "3"
     for key in ("mae", "rmse", "mape", "smape", "mase", "pinball", "coverage"):
         assert np.isfinite(metrics[f"backtest_{key}"])
     for base in ("naive", "seasonal_naive", "weekly_seasonal_naive"):

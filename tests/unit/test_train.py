@@ -1,7 +1,9 @@
-"""The training loop: clipping bounds the update, loss falls, non-finite loss stops, seeding."""
+"""The training loop: clipping bounds the update, loss falls, non-finite loss stops, seeding,
+fine-tuning on the most recent windows."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +17,7 @@ from training.model import Forecaster, ModelConfig
 from training.train import (
     TrainConfig,
     TrainingError,
+    _pack,
     clip_gradients,
     fit_scaling,
     member_seeds,
@@ -72,10 +75,42 @@ def test_loss_falls_on_a_seasonal_series_and_clipping_is_logged():
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.6 * losses[0]
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
-    assert [e for e, _ in seen] == list(range(1, len(result.history) + 1))
+    epochs, passes = len(result.history), len(result.finetune)
+    assert passes == SMALL.finetune_passes == 3
+    assert [e for e, _ in seen] == list(range(1, epochs + passes + 1))  # fine-tuning passes numbered on
     for key in ("grad_norm_mean", "grad_norm_max", "clipped_share", "lr", "val_loss"):
         assert np.isfinite(seen[0][1][key])
     assert 0.0 <= seen[0][1]["clipped_share"] <= 1.0
+    tuned = seen[epochs][1]
+    assert set(tuned) == {f"finetune_{k}" for k in ("loss", "grad_norm_mean", "grad_norm_max", "clipped_share", "lr")}
+    assert tuned["finetune_lr"] == SMALL.finetune_lr and np.isfinite(tuned["finetune_loss"])
+
+
+def test_fine_tuning_sees_the_windows_whose_targets_reach_the_validation_stretch():
+    n, horizon = 48 * 30, 6
+    series = [synthetic_series(n=n)]
+    model = small_model(series)
+    train_w, _, recent_w = _pack(model, series, SMALL)
+    val_start = n - int(np.ceil(SMALL.val_fraction * n))
+    last_target = recent_w.starts + SMALL.window - 1 + horizon  # of each recent window
+    assert len(recent_w.starts) and (last_target >= val_start).all() and (last_target <= n - 1).all()
+    assert (train_w.starts + SMALL.window - 1 + horizon < val_start).all()  # train windows stay before it
+    every = np.arange(0, n - horizon - SMALL.window + 1, SMALL.stride)  # train-layout windows, all data
+    assert np.array_equal(recent_w.starts, every[every + SMALL.window - 1 + horizon >= val_start])
+    assert (recent_w.loss_from == SMALL.burn_in).all() and (recent_w.loss_to == SMALL.window).all()
+
+
+def test_fine_tuning_moves_the_chosen_weights_and_zero_passes_keep_them():
+    series = [synthetic_series(n=48 * 12)]
+    cfg = TrainConfig(window=96, batch_size=32, max_epochs=3, stride=24, burn_in=12, seed=11)
+    plain, tuned = small_model(series), small_model(series)
+    r_plain = train_model(plain, series, replace(cfg, finetune_passes=0), progress=False)
+    r_tuned = train_model(tuned, series, cfg, progress=False)
+    assert r_plain.history == r_tuned.history and r_plain.finetune == [] and len(r_tuned.finetune) == 3
+    assert r_tuned.summary()["finetune_passes"] == 3
+    assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), tuned.parameters()))
+    with pytest.raises(ValueError, match="finetune_passes"):
+        TrainConfig(finetune_passes=-1)
 
 
 def test_training_is_reproducible_with_a_seed():
@@ -132,8 +167,9 @@ def test_members_train_one_after_another_each_as_its_own_network():
     assert model.config.members == 2 and model.config.hidden_size == 16
     assert [r.seed for r in result.members] == member_seeds(5, 2) == [5, 1005]
     assert result.epochs == 4 and result.summary()["members"][1]["seed"] == 1005
-    assert [e for e, _ in seen] == [1, 2, 1, 2]
-    assert set(seen[0][1]) >= {"member0.train_loss", "member0.grad_norm_max"} and "member1.val_loss" in seen[2][1]
+    assert [e for e, _ in seen] == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]  # 2 epochs, 3 fine-tuning passes
+    assert set(seen[0][1]) >= {"member0.train_loss", "member0.grad_norm_max"} and "member1.val_loss" in seen[5][1]
+    assert "member0.finetune_loss" in seen[2][1]
     # Member 0 is exactly the single network of the same seed, and it lives in the first half of every gate.
     single, single_result = train_forecaster(
         scaled_config(ModelConfig(hidden_size=8, num_layers=1, horizon=6), series), series, cfg, progress=False
