@@ -9,7 +9,7 @@ horizon 48). No MLflow: this measures the model, not the bookkeeping. Writes
 bench/results/NAME.json (default: accuracy). The five-member ensemble config:
 
     python -m bench.accuracy --config configs/elecdemand-ensemble.yaml --variants demand+calendar \
-        --results accuracy-ensemble      # about 35 minutes on 2 cores
+        --results accuracy-ensemble      # 25-35 minutes on 2 cores
 """
 
 from __future__ import annotations
