@@ -100,7 +100,7 @@ def test_fine_tuning_sees_the_windows_whose_targets_reach_the_validation_stretch
     assert (recent_w.loss_from == SMALL.burn_in).all() and (recent_w.loss_to == SMALL.window).all()
 
 
-def test_fine_tuning_moves_the_chosen_weights_and_zero_passes_keep_them():
+def test_fine_tuning_moves_the_chosen_weights_and_leaves_the_epochs_alone():
     series = [synthetic_series(n=48 * 12)]
     cfg = TrainConfig(window=96, batch_size=32, max_epochs=3, stride=24, burn_in=12, seed=11)
     plain, tuned = small_model(series), small_model(series)
