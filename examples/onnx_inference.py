@@ -72,31 +72,32 @@ def main() -> None:
     quantiles = [float(q) for q in meta["quantiles"].split(",")]
     covariates = [c for c in meta["covariates"].split(",") if c]
     freq_ms = int(meta["freq_ms"])
-    names = {i.name for i in step.get_inputs()}
+    inputs = {i.name: i for i in step.get_inputs()}
+    # The recurrent state is a list of named tensors (h, c, the lag buffer...): each input X has an
+    # output X_out; one axis of each is the (dynamic) batch. Zeros mean "start of series".
+    state_names = meta["state"].split(",")
+    state = {n: np.zeros([d if isinstance(d, int) else 1 for d in inputs[n].shape], np.float32) for n in state_names}
     print(
         f"{args.model_uri}: {meta['cell']} {layers}x{hidden}, horizon {meta['horizon']}, quantiles {quantiles}, covariates {covariates or 'none'}"
     )
 
     ts, values, cov = load_rows(args, covariates)
-    h = np.zeros((layers, 1, hidden), np.float32)  # zero state = start of series
-    c = np.zeros_like(h)
     for t in range(len(values)):
-        feeds = {"values": values[t : t + 1], "timestamps_ms": ts[t : t + 1], "h": h}
-        if "c" in names:
-            feeds["c"] = c
-        if "covariates" in names:
+        feeds = {"values": values[t : t + 1], "timestamps_ms": ts[t : t + 1], **state}
+        if "covariates" in inputs:
             feeds["covariates"] = cov[t : t + 1]
         outputs = dict(zip([o.name for o in step.get_outputs()], step.run(None, feeds)))
-        h, c = outputs["h_out"], outputs.get("c_out", c)  # one recurrent step per observation
+        state = {n: outputs[f"{n}_out"] for n in state_names}  # one recurrent step per observation
     forecast = outputs["forecast"][0]  # [horizon, Q], in the data's units
-    mid = quantiles.index(0.5) if 0.5 in quantiles else len(quantiles) // 2
+    # The point forecast is the path of the quantile the model names (CONTRACT §4 point_quantile).
+    mid = quantiles.index(float(meta["point_quantile"]))
     print(
         f"after {len(values)} observations (last {values[-1]:.3f} at {dt.datetime.fromtimestamp(ts[-1] / 1000, dt.UTC):%Y-%m-%d %H:%M}):"
     )
     for k in range(0, forecast.shape[0], max(1, forecast.shape[0] // 8)):
         when = dt.datetime.fromtimestamp((ts[-1] + (k + 1) * freq_ms) / 1000, dt.UTC)
         band = " .. ".join(f"{v:.3f}" for v in (forecast[k, 0], forecast[k, -1]))
-        print(f"  {when:%Y-%m-%d %H:%M}  median {forecast[k, mid]:.3f}  [{band}]")
+        print(f"  {when:%Y-%m-%d %H:%M}  point {forecast[k, mid]:.3f}  [{band}]")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,24 @@
 """The exported model's contract (CONTRACT §4), checked against real ORT sessions at load time.
 
 `ModelSpec` is the metadata both graphs carry; `check_graph` verifies one graph's inputs and
-outputs (names, dtypes, ranks, and static dims where the graph fixes them), so a broken export
-is refused with a message naming the file and the tensor instead of failing on the first request.
+outputs (names, dtypes, ranks, and static dims where the graph fixes them) and returns the shapes
+of its state tensors, so a broken export is refused with a message naming the file and the tensor
+instead of failing on the first request.
+
+The recurrent state is generic: the metadata `state` lists its tensors' names in order, every
+state input `X` has an output `X_out` of the same type and shape, and each has exactly one dynamic
+axis, the batch (`h`, `c` are [L, B, H]; a lag buffer is [B, S]). Nothing downstream (state
+store, CUDA path, snapshots) knows what a tensor means, so a later state tensor needs no server
+change.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 from serving.errors import ModelContractError
 
@@ -28,6 +37,28 @@ CELLS = ("lstm", "gru")
 GraphKind = Literal["step", "sequence"]
 
 _FLOAT, _INT64 = "tensor(float)", "tensor(int64)"
+_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64}
+DATA_INPUTS = ("values", "timestamps_ms", "covariates")
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """One state tensor of a graph: its name, dtype, and shape with None at the batch axis."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: type = np.float32
+
+    @property
+    def batch_axis(self) -> int:
+        return self.shape.index(None)
+
+    def shape_for(self, batch: int) -> tuple[int, ...]:
+        """The shape for `batch` series (the batch axis filled in)."""
+        return tuple(batch if d is None else d for d in self.shape)
+
+    def bytes_per_series(self) -> int:
+        return int(np.prod(self.shape_for(1))) * np.dtype(self.dtype).itemsize
 
 
 def _split(text: str) -> list[str]:
@@ -47,7 +78,10 @@ class ModelSpec:
     covariates: tuple[str, ...]
     target: str
     mlflow_run_id: str
-    extra: Mapping[str, str] = field(default_factory=dict)
+    state_names: tuple[str, ...]
+    point_quantile: float
+    season: int | None = None  # the backtest's seasonal lag, in steps (None: not recorded)
+    lags: tuple[int, ...] = ()
 
     @classmethod
     def from_metadata(cls, props: Mapping[str, str], where: str) -> ModelSpec:
@@ -55,17 +89,30 @@ class ModelSpec:
         if missing:
             raise ModelContractError(f"{where}: metadata_props lacks {', '.join(missing)}")
         try:
+            cell = props["cell"].strip().lower()
+            quantiles = tuple(float(q) for q in _split(props["quantiles"]))
+            # Models exported before the state list and point_quantile were recorded: LSTM h, c or
+            # GRU h, and the quantile nearest 0.5 (the same rule export uses now).
+            state = tuple(_split(props["state"])) if "state" in props else (("h", "c") if cell == "lstm" else ("h",))
+            point = (
+                float(props["point_quantile"])
+                if "point_quantile" in props
+                else min(quantiles, key=lambda q: (abs(q - 0.5), -q), default=0.5)
+            )
             spec = cls(
-                cell=props["cell"].strip().lower(),
+                cell=cell,
                 num_layers=int(props["num_layers"]),
                 hidden_size=int(props["hidden_size"]),
                 horizon=int(props["horizon"]),
-                quantiles=tuple(float(q) for q in _split(props["quantiles"])),
+                quantiles=quantiles,
                 freq_ms=int(float(props["freq_ms"])),
                 covariates=tuple(_split(props["covariates"])),
                 target=props["target"],
                 mlflow_run_id=props["mlflow_run_id"],
-                extra={k: v for k, v in props.items() if k not in REQUIRED_METADATA},
+                state_names=state,
+                point_quantile=point,
+                season=int(props["season"]) if props.get("season", "").strip() else None,
+                lags=tuple(int(x) for x in _split(props.get("lags", ""))),
             )
         except ValueError as exc:
             raise ModelContractError(f"{where}: unreadable metadata_props ({exc})") from exc
@@ -82,12 +129,14 @@ class ModelSpec:
         qs = self.quantiles
         if not qs or any(not 0 < q < 1 for q in qs) or list(qs) != sorted(set(qs)):
             problems.append(f"quantiles must be ascending, distinct, in (0, 1), got {list(qs)}")
+        if not self.state_names or len(set(self.state_names)) != len(self.state_names):
+            problems.append(f"state must list distinct tensor names, got {list(self.state_names)}")
+        if self.point_quantile not in qs:
+            problems.append(f"point_quantile {self.point_quantile} is not one of the quantiles {list(qs)}")
+        if self.season is not None and self.season < 1:
+            problems.append(f"season must be >= 1, got {self.season}")
         if problems:
             raise ModelContractError(f"{where}: " + "; ".join(problems))
-
-    @property
-    def state_names(self) -> tuple[str, ...]:
-        return ("h", "c") if self.cell == "lstm" else ("h",)
 
     @property
     def num_covariates(self) -> int:
@@ -95,17 +144,16 @@ class ModelSpec:
 
     @property
     def point_index(self) -> int:
-        """Index of the quantile used as the point forecast: the one nearest the median."""
-        return min(range(len(self.quantiles)), key=lambda i: abs(self.quantiles[i] - 0.5))
+        """Index of the quantile whose path is the point forecast (metadata point_quantile)."""
+        return self.quantiles.index(self.point_quantile)
 
     def same_interface(self, other: ModelSpec) -> bool:
-        keys = ("cell", "num_layers", "hidden_size", "horizon", "quantiles", "freq_ms", "covariates")
-        return all(getattr(self, k) == getattr(other, k) for k in keys)
+        keys = ("cell", "num_layers", "hidden_size", "horizon", "quantiles", "freq_ms", "covariates", "state_names")
+        return all(getattr(self, k) == getattr(other, k) for k in keys) and self.point_quantile == other.point_quantile
 
 
 def _dims(kind: GraphKind, spec: ModelSpec) -> dict[str, tuple[str, list[Any]]]:
-    """Expected inputs and outputs: name -> (dtype, dims); a str dim is free (dynamic or any)."""
-    lh = [spec.num_layers, "B", spec.hidden_size]  # state [L, B, H]
+    """Expected data inputs and the forecast: name -> (dtype, dims); a str dim is free (dynamic or any)."""
     time = [] if kind == "step" else ["T"]
     io: dict[str, tuple[str, list[Any]]] = {
         "values": (_FLOAT, ["B", *time]),
@@ -113,32 +161,48 @@ def _dims(kind: GraphKind, spec: ModelSpec) -> dict[str, tuple[str, list[Any]]]:
     }
     if spec.num_covariates:
         io["covariates"] = (_FLOAT, ["B", *time, spec.num_covariates])
-    for name in spec.state_names:
-        io[name] = (_FLOAT, lh)
     io["forecast"] = (_FLOAT, ["B", spec.horizon, len(spec.quantiles)])
-    for name in spec.state_names:
-        io[f"{name}_out"] = (_FLOAT, lh)
     return io
 
 
-def check_graph(session: Any, spec: ModelSpec, kind: GraphKind, where: str) -> bool:
+def _state_tensor(node: Any, out: Any, spec: ModelSpec, problems: list[str]) -> StateTensor | None:
+    """A state input and its `_out`: same type, same shape, one dynamic (batch) axis."""
+    name = node.name
+    if node.type not in _DTYPES:
+        problems.append(f"state {name!r} is {node.type}; state tensors are float or int64")
+        return None
+    if out.type != node.type:
+        problems.append(f"state {name!r} is {node.type} but {name}_out is {out.type}")
+    shape = tuple(d if isinstance(d, int) else None for d in node.shape)
+    shape_out = tuple(d if isinstance(d, int) else None for d in out.shape)
+    if shape.count(None) != 1:
+        problems.append(f"state {name!r} {list(node.shape)} must have exactly one dynamic (batch) axis")
+        return None
+    if shape_out != shape:
+        problems.append(f"state {name!r} is {list(node.shape)} but {name}_out is {list(out.shape)}")
+    if name in ("h", "c") and shape != (spec.num_layers, None, spec.hidden_size):
+        problems.append(f"{name!r} is {list(node.shape)}, expected [num_layers, B, hidden_size]")
+    return StateTensor(name, shape, _DTYPES[node.type])
+
+
+def check_graph(session: Any, spec: ModelSpec, kind: GraphKind, where: str) -> tuple[bool, tuple[StateTensor, ...]]:
     """Check an onnxruntime.InferenceSession against the contract; raise ModelContractError.
 
     Returns whether the graph takes a `covariates` input (a model without covariates may still
-    declare one of width 0 in its sequence graph; it is then fed an empty array).
+    declare one of width 0 in its sequence graph; it is then fed an empty array) and the state
+    tensors in metadata order.
     """
     expected = _dims(kind, spec)
     inputs = {node.name: node for node in session.get_inputs()}
     outputs = {node.name: node for node in session.get_outputs()}
     problems = []
     optional = {"covariates"} if spec.num_covariates == 0 else set()
+    known = {*expected, *spec.state_names, *(f"{n}_out" for n in spec.state_names)}
     for name in [*inputs, *outputs]:
-        if name in optional:
-            continue
-        if name not in expected:
-            problems.append(f"unexpected tensor {name!r}")
+        if name not in known and name not in optional:
+            problems.append(f"unexpected tensor {name!r} (metadata state lists {list(spec.state_names)})")
     for name, (dtype, dims) in expected.items():
-        is_output = name == "forecast" or name.endswith("_out")
+        is_output = name == "forecast"
         node = (outputs if is_output else inputs).get(name)
         if node is None:
             problems.append(f"missing {'output' if is_output else 'input'} {name!r}")
@@ -152,6 +216,15 @@ def check_graph(session: Any, spec: ModelSpec, kind: GraphKind, where: str) -> b
         for axis, (got, want) in enumerate(zip(shape, dims)):
             if isinstance(want, int) and isinstance(got, int) and got != want:
                 problems.append(f"{name!r} dim {axis} is {got}, expected {want}")
+    state = []
+    for name in spec.state_names:
+        node, out = inputs.get(name), outputs.get(f"{name}_out")
+        if node is None or out is None:
+            problems.append(f"state {name!r} needs input {name!r} and output {name}_out")
+            continue
+        tensor = _state_tensor(node, out, spec, problems)
+        if tensor is not None:
+            state.append(tensor)
     if problems:
         raise ModelContractError(f"{where} ({kind} graph): " + "; ".join(problems))
-    return "covariates" in inputs
+    return "covariates" in inputs, tuple(state)

@@ -79,3 +79,4 @@ class ModelDescription:
     version: str
     execution_provider: str
     spec: ModelSpec
+    state_bytes_per_series: int  # the state tensors' bytes for one series

@@ -103,9 +103,7 @@ class LoadedModel:
     ) -> None:
         self.name, self.version, self.ort = name, version, ort_model
         spec = ort_model.spec
-        self.arena = StateArena(
-            spec.num_layers, spec.hidden_size, len(spec.state_names), state.initial_capacity, state.max_series
-        )
+        self.arena = StateArena(ort_model.state, state.initial_capacity, state.max_series)
         # One thread: ORT calls of a version run one at a time (the CUDA path keeps state in it).
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{name}-{version}")
         process = StepProcessor(
@@ -129,7 +127,8 @@ class LoadedModel:
         return self.ort.provider
 
     def describe(self) -> ModelDescription:
-        return ModelDescription(self.name, self.version, self.provider, self.spec)
+        state_bytes = sum(t.bytes_per_series() for t in self.ort.state)
+        return ModelDescription(self.name, self.version, self.provider, self.spec, state_bytes)
 
     async def sequence(self, values: np.ndarray, timestamps_ms: np.ndarray, covariates: np.ndarray) -> np.ndarray:
         """Run the sequence graph on [B, T] histories from zero state -> forecast [B, horizon, Q].
@@ -285,10 +284,11 @@ class ModelStore:
         old, self.current = self.current, model
         log.info(
             "event=model_serving name=%s version=%s provider=%s cell=%s horizon=%d quantiles=%s "
-            "freq_ms=%d covariates=%s previous=%s",
+            "freq_ms=%d covariates=%s state=%s state_bytes_per_series=%d previous=%s",
             model.name, model.version, model.provider, model.spec.cell, model.spec.horizon,
             ",".join(map(str, model.spec.quantiles)), model.spec.freq_ms,
-            ",".join(model.spec.covariates) or "-", old.version if old else None,
+            ",".join(model.spec.covariates) or "-", ",".join(model.spec.state_names),
+            model.arena.bytes_per_series, old.version if old else None,
         )  # fmt: skip
         if old is not None:
             old.retired = True

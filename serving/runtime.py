@@ -120,8 +120,13 @@ class OrtModel:
                 f"{step_path.parent}: {step_path.name} and {sequence_path.name} disagree in metadata_props "
                 f"({spec} vs {sequence_spec})"
             )
-        self.step_has_cov = check_graph(self.step_session, spec, "step", str(step_path))
-        self.sequence_has_cov = check_graph(self.sequence_session, spec, "sequence", str(sequence_path))
+        self.step_has_cov, self.state = check_graph(self.step_session, spec, "step", str(step_path))
+        self.sequence_has_cov, sequence_state = check_graph(self.sequence_session, spec, "sequence", str(sequence_path))
+        if sequence_state != self.state:
+            raise ModelContractError(
+                f"{step_path.parent}: the state tensors of {step_path.name} and {sequence_path.name} differ "
+                f"({self.state} vs {sequence_state})"
+            )
         self.provider = self.step_session.get_providers()[0]
         self._state_out = [f"{name}_out" for name in spec.state_names]
         self._device: DeviceResidentStepper | None = None
@@ -162,11 +167,10 @@ class OrtModel:
         Returns forecast [B, horizon, Q] after each history's last step.
         """
         batch = values.shape[0]
-        zeros = np.zeros((self.spec.num_layers, batch, self.spec.hidden_size), np.float32)
         feeds = {"values": values, "timestamps_ms": timestamps_ms}
         if self.sequence_has_cov:
             feeds["covariates"] = covariates
-        feeds.update((name, zeros) for name in self.spec.state_names)
+        feeds.update((t.name, np.zeros(t.shape_for(batch), t.dtype)) for t in self.state)
         return self.sequence_session.run(["forecast"], feeds)[0]
 
     def flush(self, arena: StateArena) -> None:
@@ -182,7 +186,7 @@ class OrtModel:
         """
         spec = self.spec
         want = (spec.horizon, len(spec.quantiles))
-        arena = StateArena(spec.num_layers, spec.hidden_size, len(spec.state_names), max(batch_sizes))
+        arena = StateArena(self.state, max(batch_sizes))
         for batch in batch_sizes:
             rows = arena.alloc([None] * batch, 0.0)
             values = np.ones(batch, np.float32)

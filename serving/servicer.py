@@ -206,7 +206,8 @@ class ForecasterServicer:
             name=d.name, version=d.version, cell=s.cell, horizon=s.horizon, quantiles=s.quantiles,
             freq_ms=s.freq_ms, covariates=s.covariates, execution_provider=d.execution_provider,
             num_layers=s.num_layers, hidden_size=s.hidden_size, target=s.target,
-            mlflow_run_id=s.mlflow_run_id,
+            mlflow_run_id=s.mlflow_run_id, state=s.state_names, point_quantile=s.point_quantile,
+            season=s.season or 0, lags=s.lags, state_bytes_per_series=d.state_bytes_per_series,
         )  # fmt: skip
 
 

@@ -1,7 +1,9 @@
 """Recurrent state of every live series of one model version, in preallocated rows.
 
-One array per state tensor, shaped like the graph's state input [L, capacity, H] float32, so a
-batch's state is one fancy-index gather `h[:, rows, :]` -> [L, B, H] and its update one scatter.
+One array per state tensor of the graph (serving.contract.StateTensor: h and c [L, B, H], a lag
+buffer [B, S], whatever the metadata lists), shaped like the graph's state input with `capacity`
+rows on its batch axis, so a batch's state is one gather along that axis (-> the graph's input
+shape for B series) and its update one scatter. Nothing here knows what a tensor means.
 Capacity starts at `initial_capacity` rows and doubles up to `max_capacity`; freed rows go on a
 free list and are zeroed when handed out again (zero state = start of series, CONTRACT §4).
 
@@ -23,30 +25,32 @@ from typing import Any
 
 import numpy as np
 
+from serving.contract import StateTensor
 from serving.errors import CapacityExceeded
+
+
+def _at(axis: int, rows: np.ndarray) -> tuple:
+    """Index of `rows` along `axis`: a[_at(1, rows)] is a[:, rows]."""
+    return (slice(None),) * axis + (rows,)
 
 
 class StateArena:
     def __init__(
         self,
-        num_layers: int,
-        hidden_size: int,
-        num_tensors: int,
+        tensors: Sequence[StateTensor],
         initial_capacity: int = 1024,
         max_capacity: int = 1_000_000,
     ) -> None:
-        if num_tensors not in (1, 2):
-            raise ValueError(f"num_tensors must be 1 (GRU: h) or 2 (LSTM: h, c), got {num_tensors}")
+        if not tensors:
+            raise ValueError("a state arena needs at least one state tensor")
         if initial_capacity < 1:
             raise ValueError("initial_capacity must be >= 1")
-        self.num_layers = num_layers
-        self.hidden_size = hidden_size
+        self.tensors = tuple(tensors)
+        self._axes = [t.batch_axis for t in self.tensors]
         self.max_capacity = max_capacity
         self.lock = threading.Lock()
         cap = min(initial_capacity, max_capacity)
-        self.states: list[np.ndarray] = [
-            np.zeros((num_layers, cap, hidden_size), np.float32) for _ in range(num_tensors)
-        ]
+        self.states: list[np.ndarray] = [np.zeros(t.shape_for(cap), t.dtype) for t in self.tensors]
         self.steps_seen = np.zeros(cap, np.int64)
         self.last_ts = np.zeros(cap, np.int64)  # Unix ms of the last observation applied
         self.last_used = np.zeros(cap, np.float64)  # monotonic seconds of the last step
@@ -65,6 +69,11 @@ class StateArena:
         return self.capacity - len(self._free)
 
     @property
+    def bytes_per_series(self) -> int:
+        """State plus bookkeeping per row: what each live (or preallocated) series costs here."""
+        return sum(t.bytes_per_series() for t in self.tensors) + 8 + 8 + 8 + 8 + 1 + 8  # + row arrays, owner ref
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the state tensors and per-row bookkeeping arrays (allocated, not live)."""
         arrays = [*self.states, self.steps_seen, self.last_ts, self.last_used, self.epoch, self.live]
@@ -80,8 +89,8 @@ class StateArena:
         epochs = np.arange(self._next_epoch, self._next_epoch + n, dtype=np.int64)
         self._next_epoch += n
         with self.lock:
-            for s in self.states:
-                s[:, rows, :] = 0.0
+            for s, axis in zip(self.states, self._axes):
+                s[_at(axis, rows)] = 0
             self.epoch[rows] = epochs
         self.steps_seen[rows] = 0
         self.last_ts[rows] = np.iinfo(np.int64).min
@@ -104,19 +113,21 @@ class StateArena:
             self._free.append(row)
 
     def gather(self, rows: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        """Copies of the rows' states, each [L, B, H], and their epochs [B]."""
+        """Copies of the rows' states, each in its graph input shape for B = len(rows) (contiguous,
+        ready for ORT), and their epochs [B]."""
         with self.lock:
-            return [s[:, rows, :] for s in self.states], self.epoch[rows]
+            return [np.take(s, rows, axis=axis) for s, axis in zip(self.states, self._axes)], self.epoch[rows]
 
     def scatter(self, rows: np.ndarray, epochs: np.ndarray, states: Sequence[np.ndarray]) -> None:
-        """Write new states [L, B, H] into rows still owned by the series that was gathered."""
+        """Write new states (graph output shapes for B = len(rows)) into rows still owned by the
+        series that was gathered."""
         with self.lock:
             keep = self.epoch[rows] == epochs
             if not keep.all():
                 rows = rows[keep]
-                states = [s[:, keep, :] for s in states]
-            for dst, src in zip(self.states, states):
-                dst[:, rows, :] = src
+                states = [np.compress(keep, s, axis=axis) for s, axis in zip(states, self._axes)]
+            for dst, src, axis in zip(self.states, states, self._axes):
+                dst[_at(axis, rows)] = src
 
     def record_steps(self, rows: np.ndarray, timestamps_ms: np.ndarray, now: float) -> np.ndarray:
         """Advance the rows' bookkeeping after a step; returns steps_seen [B] after it."""
@@ -146,7 +157,7 @@ class StateArena:
             return np.concatenate([a, np.zeros(shape, a.dtype)], axis=axis)
 
         with self.lock:
-            self.states = [grown(s, axis=1) for s in self.states]
+            self.states = [grown(s, axis) for s, axis in zip(self.states, self._axes)]
             self.epoch = grown(self.epoch)
         self.steps_seen = grown(self.steps_seen)
         self.last_ts = grown(self.last_ts)

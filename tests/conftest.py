@@ -50,16 +50,27 @@ def train_tiny(
     epochs: int = 2,
     horizon: int = 6,
     members: int = 1,
+    lags: tuple[int, ...] = (12, 48),
 ):
-    """A real Forecaster trained for a couple of seconds."""
+    """A real Forecaster trained for a couple of seconds (with a lag buffer of 48 steps by default)."""
     from training.model import ModelConfig
     from training.train import TrainConfig, scaled_config, train_forecaster
 
     series = [synthetic_series(covariates=len(covariates), seed=seed, series_id=f"s{seed}")]
-    cfg = ModelConfig(cell=cell, hidden_size=16, num_layers=2, horizon=horizon, covariates=covariates, members=members)
+    cfg = ModelConfig(
+        cell=cell, hidden_size=16, num_layers=2, horizon=horizon, covariates=covariates, members=members, lags=lags
+    )
     train = TrainConfig(window=96, batch_size=32, max_epochs=epochs, seed=seed)
     model, _ = train_forecaster(scaled_config(cfg, series), series, train, progress=False)
     return model
+
+
+def zero_state_feeds(session, batch: int) -> dict[str, np.ndarray]:
+    """Zero state (the start of a series) for every state input of an ONNX Runtime session, named by
+    its metadata ``state``: each shape with its one dynamic (batch) axis set to ``batch``."""
+    names = session.get_modelmeta().custom_metadata_map["state"].split(",")
+    inputs = {i.name: i for i in session.get_inputs()}
+    return {n: np.zeros([d if isinstance(d, int) else batch for d in inputs[n].shape], np.float32) for n in names}
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +107,12 @@ def mlflow_store(tmp_path, monkeypatch) -> Iterator[str]:
 
 
 def register_model_dir(
-    tracking_uri: str, model_dir: Path, name: str = "forecaster", alias: str | None = None, mase: float = 1.0
+    tracking_uri: str,
+    model_dir: Path,
+    name: str = "forecaster",
+    alias: str | None = None,
+    mase: float = 1.0,
+    baseline_mase: float | None = None,
 ) -> str:
     """Register ``model_dir``'s graphs as a new version of ``name`` (alias ``candidate``, and
     ``alias`` too if given) in the store at ``tracking_uri``; returns the version number."""
@@ -112,7 +128,10 @@ def register_model_dir(
     mlflow.set_experiment("tests")
     example = example_inputs(Forecaster(_config_from(meta)), 2, None, np.random.default_rng(0), state="zero")
     with mlflow.start_run():
-        version = log_and_register(model_dir, name, {"backtest_mase": str(mase), "data_fingerprint": "test"}, example)
+        tags = {"backtest_mase": str(mase), "data_fingerprint": "test"}
+        if baseline_mase is not None:
+            tags |= {"best_baseline": "seasonal_naive", "best_baseline_mase": str(baseline_mase), "gate_margin": "0.0"}
+        version = log_and_register(model_dir, name, tags, example)
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, version.version)
     return str(version.version)

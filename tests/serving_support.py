@@ -148,14 +148,17 @@ class OfflineModel:
         self.step = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
         self.sequence = ort.InferenceSession(str(model_dir / "sequence.onnx"), providers=["CPUExecutionProvider"])
         meta = self.step.get_modelmeta().custom_metadata_map
-        self.layers, self.hidden = int(meta["num_layers"]), int(meta["hidden_size"])
-        self.state_names = ["h", "c"] if meta["cell"] == "lstm" else ["h"]
+        self.state_names = meta["state"].split(",")
+        inputs = {i.name: i for i in self.step.get_inputs()}
+        # Each state tensor's shape with its one dynamic (batch) axis as None.
+        self.state_shapes = [[d if isinstance(d, int) else None for d in inputs[n].shape] for n in self.state_names]
         self.num_cov = len([c for c in meta["covariates"].split(",") if c])
         self.quantiles = [float(q) for q in meta["quantiles"].split(",")]
+        self.point_index = self.quantiles.index(float(meta["point_quantile"]))
         self.states: dict[str, list[np.ndarray]] = {}
 
     def zero(self, batch: int = 1) -> list[np.ndarray]:
-        return [np.zeros((self.layers, batch, self.hidden), np.float32) for _ in self.state_names]
+        return [np.zeros([batch if d is None else d for d in shape], np.float32) for shape in self.state_shapes]
 
     def step_one(self, series_id: str, ts: int, value: float, cov=()) -> np.ndarray:
         """Advance one series by one step (its own state); returns forecast [horizon, Q]."""

@@ -20,10 +20,17 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     fit.add_argument("--summary", type=Path, help="write a JSON summary of the fit here")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    fit.add_argument("--force", action="store_true", help="promote the new version even if the gate says no")
     prom = sub.add_parser("promote", help="move the 'production' alias through the promotion gate")
     prom.add_argument("--name", default="forecaster", help="registered model name")
     prom.add_argument("--version", help="version to promote (default: the 'candidate' alias)")
     prom.add_argument("--force", action="store_true", help="promote without comparing backtest MASE")
+    prom.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help="share by which the best baseline must be beaten (default: the fit's)",
+    )
     ens = sub.add_parser("ensure-production", help="fit and promote the config's model unless one is in production")
     ens.add_argument("--config", default=DEFAULT_CONFIG)
     ens.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -49,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     try:
         if args.command == "promote":
-            decision = promote(args.name, args.version, force=args.force)
+            decision = promote(args.name, args.version, force=args.force, margin=args.margin)
             print(decision.reason)
             return 0 if decision.promoted else 3
         cfg = load_config(args.config, args.overrides)
@@ -60,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}@{PRODUCTION} is version {current.version}; nothing to train")
                 return 0
             print(f"no {name}@{PRODUCTION} in {mlflow.get_tracking_uri()}: training {args.config} first", flush=True)
-        outcome = fit(cfg, Path(args.config), progress=not getattr(args, "no_progress", False))
+        outcome = fit(
+            cfg,
+            Path(args.config),
+            progress=not getattr(args, "no_progress", False),
+            force=getattr(args, "force", False),
+        )
     except (ConfigError, DataError, TrainingError, ExportError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -72,11 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"registered {outcome.registered_model} version {outcome.version} (alias {CANDIDATE}); {outcome.promotion.reason}"
     )
+    if not outcome.promotion.promoted:
+        # Like `promote`: the gate said no. `make run` stops here rather than serve a loser.
+        return 3
     return 0
 
 
 def _print_table(summary: dict) -> None:
     rows = {"model": summary["metrics"], **summary["baselines"]}
+    print(
+        f"training stopped by {summary['training'].get('stop_reason', 'members')} after {summary['training']['epochs']} epochs"
+    )
     keys = ("mase", "mae", "rmse", "mape", "smape")
     print(f"{'':24}" + "".join(f"{k:>10}" for k in keys))
     for name, m in rows.items():

@@ -1,4 +1,4 @@
-"""The fit config: a YAML file of sections (data, model, train, eval, mlflow), typed and
+"""The fit config: a YAML file of sections (data, model, train, eval, mlflow, gate), typed and
 validated into frozen dataclasses, with ``--set section.key=value`` overrides on top."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ MODEL_KEYS = (
     "quantiles",
     "daily_harmonics",
     "holidays",
+    "lags",
 )
 
 
@@ -56,12 +57,25 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    # The promotion gate: a version's backtest MASE must be below (1 - margin) x the best
+    # baseline's (and below production's on the same data) before it becomes 'production'.
+    margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"gate.margin must be in [0, 1) (a share of the best baseline's MASE), got {self.margin}")
+
+
+@dataclass(frozen=True)
 class FitConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # lags None: chosen from the data by the pipeline (training.pipeline.resolve)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(lags=None))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -87,6 +101,7 @@ SECTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
     "train": (TrainConfig, tuple(f.name for f in fields(TrainConfig))),
     "eval": (EvalConfig, tuple(f.name for f in fields(EvalConfig))),
     "mlflow": (MlflowConfig, tuple(f.name for f in fields(MlflowConfig))),
+    "gate": (GateConfig, tuple(f.name for f in fields(GateConfig))),
 }
 
 
@@ -102,7 +117,7 @@ def apply_override(raw: dict[str, dict[str, Any]], assignment: str) -> None:
 def build_config(raw: dict[str, Any]) -> FitConfig:
     """Validate a dict of sections into a FitConfig, naming any unknown section or key."""
     if not isinstance(raw, dict):
-        raise ConfigError("the config must be a mapping of sections: data, model, train, eval, mlflow")
+        raise ConfigError("the config must be a mapping of sections: data, model, train, eval, mlflow, gate")
     built = {}
     for section, values in raw.items():
         if section not in SECTIONS:
@@ -114,6 +129,8 @@ def build_config(raw: dict[str, Any]) -> FitConfig:
         unknown = sorted(set(values) - set(keys))
         if unknown:
             raise ConfigError(f"unknown key(s) {section}.{', '.join(unknown)}; known in {section!r}: {', '.join(keys)}")
+        if section == "model":
+            values = {"lags": None, **values}  # unset: chosen from the data (see ModelConfig.lags)
         try:
             built[section] = cls(**values)
         except (TypeError, ValueError) as exc:

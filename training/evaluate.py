@@ -154,10 +154,18 @@ class BacktestResult:
     target: str
 
 
-def median_index(quantiles: Sequence[float]) -> int:
-    """Which quantile serves as the point forecast: 0.5 if present, else the middle (upper middle) one."""
-    qs = list(quantiles)
-    return qs.index(0.5) if 0.5 in qs else len(qs) // 2
+def point_quantile(quantiles: Sequence[float]) -> float:
+    """The one rule for the point forecast: the quantile nearest 0.5 (the higher one on a tie).
+
+    Export records it as metadata ``point_quantile``; the backtest, the promotion gate (through the
+    backtest's MASE) and the server all use that quantile's path as the point forecast.
+    """
+    return min(quantiles, key=lambda q: (abs(q - 0.5), -q))
+
+
+def point_index(quantiles: Sequence[float]) -> int:
+    """Index of ``point_quantile(quantiles)`` in ``quantiles``."""
+    return list(quantiles).index(point_quantile(quantiles))
 
 
 def backtest(
@@ -173,7 +181,7 @@ def backtest(
     quantiles = tuple(float(q) for q in quantiles)
     if not quantiles or any(not 0 < q < 1 for q in quantiles) or list(quantiles) != sorted(set(quantiles)):
         raise ValueError(f"quantiles must be strictly increasing values in (0, 1), got {list(quantiles)}")
-    mid = median_index(quantiles)
+    mid = point_index(quantiles)
     weekly = 7 * season
     details, baseline_preds = [], {"naive": [], "seasonal_naive": [], "weekly_seasonal_naive": []}
     for s in dataset.series:
@@ -236,7 +244,7 @@ def plot_backtest(result: BacktestResult, path: Path, max_origins: int = 4) -> P
     if not picks:
         raise ValueError("nothing to plot: the backtest has no origins")
 
-    h, mid = result.horizon, median_index(result.quantiles)
+    h, mid = result.horizon, point_index(result.quantiles)
     history = max(2 * h, result.season)  # steps shown before each origin
     fig = Figure(figsize=(10, 2.8 * len(picks)), layout="constrained")
     FigureCanvasAgg(fig)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from training.model import MS_PER_DAY, Forecaster
+from training.seasonality import calendar_periods
 
 log = logging.getLogger(__name__)
 # The exporters narrate every pass at INFO and warn about torchvision ops we never use.
@@ -60,21 +61,23 @@ def input_names(model: Forecaster) -> list[str]:
     names = ["values", "timestamps_ms"]
     if model.config.num_covariates:
         names.append("covariates")
-    names.append("h")
-    if model.config.cell == "lstm":
-        names.append("c")
-    return names
+    return names + list(model.config.state_names)
 
 
 def output_names(model: Forecaster) -> list[str]:
-    return ["forecast", "h_out"] + (["c_out"] if model.config.cell == "lstm" else [])
+    return ["forecast", *(f"{name}_out" for name in model.config.state_names)]
+
+
+def state_batch_axis(name: str) -> int:
+    """The batch axis of a state tensor: h and c are [L, B, H], the lag buffer [B, S] and its count [B, 1]."""
+    return 1 if name in ("h", "c") else 0
 
 
 class _Graph(nn.Module):
     """Positional adapter from the graph's inputs to Forecaster.forward.
 
-    The inputs differ by cell (``c`` only for LSTM) and by covariates, so the adapter takes
-    ``*inputs`` in the order of ``input_names`` and routes them by name.
+    The inputs differ by cell (``c`` only for LSTM), by covariates and by lags, so the adapter
+    takes ``*inputs`` in the order of ``input_names`` and routes them by name.
     """
 
     def __init__(self, model: Forecaster, step: bool) -> None:
@@ -89,8 +92,7 @@ class _Graph(nn.Module):
         if self.step:  # (B,) -> (B, 1): a step is a sequence of length one
             values, ts = values.unsqueeze(1), ts.unsqueeze(1)
             cov = cov.unsqueeze(1) if cov is not None else None
-        forecast, h_out, c_out = self.model(values, ts, cov, x["h"], x.get("c"))
-        return (forecast, h_out) if c_out is None else (forecast, h_out, c_out)
+        return self.model(values, ts, cov, *(x[name] for name in self.model.config.state_names))
 
 
 def example_inputs(
@@ -115,11 +117,17 @@ def example_inputs(
         feeds["covariates"] = cov.astype(np.float32)
     if length is None:
         feeds = {k: v[:, 0] for k, v in feeds.items()}
-    shape = (cfg.num_layers, batch, cfg.hidden_size)
-    make = (lambda: rng.uniform(-0.9, 0.9, shape)) if state == "random" else (lambda: np.zeros(shape))
-    feeds["h"] = make().astype(np.float32)
-    if cfg.cell == "lstm":
-        feeds["c"] = make().astype(np.float32)
+    for name in cfg.state_names:
+        shape = cfg.state_shape(name, batch)
+        if state != "random":
+            feeds[name] = np.zeros(shape, np.float32)
+        elif name == "lags":  # earlier observations, in the model's own scale
+            a = rng.standard_normal(shape) * cfg.value_scale + cfg.value_loc
+            feeds[name] = (cfg.value_unit * np.sinh(a)).astype(np.float32)
+        elif name == "lags_seen":  # from an empty buffer to a full one
+            feeds[name] = rng.integers(0, cfg.buffer_size + 1, shape).astype(np.float32)
+        else:
+            feeds[name] = rng.uniform(-0.9, 0.9, shape).astype(np.float32)
     return feeds
 
 
@@ -141,7 +149,7 @@ def _export_one(model: Forecaster, path: Path, step: bool) -> None:
         if step:
             batch = torch.export.Dim("batch")
             dims = {"values": {0: batch}, "timestamps_ms": {0: batch}, "covariates": {0: batch}}
-            dims |= {"h": {1: batch}, "c": {1: batch}}
+            dims |= {name: {state_batch_axis(name): batch} for name in model.config.state_names}
             program = torch.onnx.export(
                 graph,
                 args,
@@ -155,8 +163,9 @@ def _export_one(model: Forecaster, path: Path, step: bool) -> None:
             program.save(str(path))
         else:
             axes = {"values": {0: "batch", 1: "time"}, "timestamps_ms": {0: "batch", 1: "time"}}
-            axes |= {"covariates": {0: "batch", 1: "time"}, "h": {1: "batch"}, "c": {1: "batch"}}
-            axes |= {"forecast": {0: "batch"}, "h_out": {1: "batch"}, "c_out": {1: "batch"}}
+            axes |= {"covariates": {0: "batch", 1: "time"}, "forecast": {0: "batch"}}
+            for name in model.config.state_names:
+                axes |= {name: {state_batch_axis(name): "batch"}, f"{name}_out": {state_batch_axis(name): "batch"}}
             names = graph.names + output_names(model)
             torch.onnx.export(
                 graph,
@@ -172,12 +181,18 @@ def _export_one(model: Forecaster, path: Path, step: bool) -> None:
 
 def _metadata(model: Forecaster, extra: dict[str, str]) -> dict[str, str]:
     cfg = model.config
+    periods = calendar_periods(cfg.freq_ms)
     meta = {
         "cell": cfg.cell,
         "num_layers": str(cfg.num_layers),
         "hidden_size": str(cfg.hidden_size),
         "horizon": str(cfg.horizon),
         "quantiles": ",".join(repr(q) for q in cfg.quantiles),
+        "point_quantile": repr(cfg.point_quantile),
+        # The backtest's season (the pipeline passes eval.season); else one day in steps, or 1.
+        "season": str(periods[0] if periods else 1),
+        "state": ",".join(cfg.state_names),
+        "lags": ",".join(str(lag) for lag in cfg.lags or ()),
         "freq_ms": str(cfg.freq_ms),
         "covariates": ",".join(cfg.covariates),
         "target": "",
@@ -214,6 +229,7 @@ def export_model(model: Forecaster, out_dir: Path, metadata: dict[str, str] | No
     for path, step in ((report.step_path, True), (report.sequence_path, False)):
         _export_one(model, path, step)
         _write_metadata(path, {**meta, "graph": "step" if step else "sequence"})
+    check_contract(report.step_path, report.sequence_path)
     report.parity = check_parity(model, report.step_path, report.sequence_path)
     log.info(
         "exported %s and %s (opset %d); worst parity error %.2e",
@@ -228,7 +244,30 @@ def export_model(model: Forecaster, out_dir: Path, metadata: dict[str, str] | No
     return report
 
 
+def check_contract(step_path: Path, sequence_path: Path) -> None:
+    """Run the server's own load-time contract check on both graphs, so an export the server would
+    refuse fails here, with the server's message."""
+    from serving.contract import ModelSpec, check_graph
+    from serving.errors import ModelContractError
+
+    states = []
+    for path, kind in ((step_path, "step"), (sequence_path, "sequence")):
+        session = cpu_session(path)
+        try:
+            spec = ModelSpec.from_metadata(dict(session.get_modelmeta().custom_metadata_map), str(path))
+            states.append(check_graph(session, spec, kind, str(path))[1])
+        except ModelContractError as exc:
+            raise ExportError(f"the exported graph breaks the serving contract: {exc}") from exc
+    if states[0] != states[1]:
+        raise ExportError(f"the two graphs' state tensors differ: {states[0]} vs {states[1]}")
+
+
 # -- parity -------------------------------------------------------------------------------------
+def _row(a: np.ndarray, i: int, axis: int) -> np.ndarray:
+    """Row i of a batch, keeping the batch axis (length 1)."""
+    return np.take(a, [i], axis=axis)
+
+
 def _err(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         raise ExportError(f"shape mismatch {a.shape} vs {b.shape}")
@@ -251,7 +290,7 @@ def cpu_session(path: Path) -> ort.InferenceSession:
 def check_parity(model: Forecaster, step_path: Path, sequence_path: Path) -> dict[str, float]:
     """Worst error of each check: ORT vs PyTorch, step x T vs sequence, alone vs batched."""
     step, seq = cpu_session(step_path), cpu_session(sequence_path)
-    state_names = input_names(model)[-(2 if model.config.cell == "lstm" else 1) :]
+    state_names = model.config.state_names
     rng = np.random.default_rng(1234)
     worst: dict[str, float] = {}
 
@@ -278,11 +317,11 @@ def check_parity(model: Forecaster, step_path: Path, sequence_path: Path) -> dic
                 note("step_x_T_vs_sequence", _err(a, b))
             if batch > 1:
                 # Series 1 answered alone equals series 1 inside the batch.
-                alone = {k: (v[:, 1:2] if k in ("h", "c") else v[1:2]) for k, v in feeds.items()}
+                alone = {k: _row(v, 1, state_batch_axis(k) if k in state_names else 0) for k, v in feeds.items()}
                 one = seq.run(None, alone)
                 note("alone_vs_batched", _err(one[0], seq_out[0][1:2]))
-                for a, b in zip(one[1:], seq_out[1:]):
-                    note("alone_vs_batched", _err(a, b[:, 1:2]))
+                for name, a, b in zip(state_names, one[1:], seq_out[1:]):
+                    note("alone_vs_batched", _err(a, _row(b, 1, state_batch_axis(name))))
     # Calendar edges: midnights (and 1 ms either side) on random days and on the days around
     # each holiday, where a float32 division in a graph would put the day boundary minutes off.
     days = [

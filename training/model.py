@@ -19,6 +19,17 @@ Quantiles never cross by construction: the head emits the lowest quantile and no
 (softplus) increments for each next one; the inverse transform is monotone, so the order
 survives into raw units.
 
+Seasonal memory. A recurrent state cannot recall exactly what happened one season ago, so with
+``lags`` (steps, e.g. one day and one week) the state also holds a shift buffer of the last S
+observations (S = the longest lag, the ``lags`` state tensor, raw units) and how many of them are
+real (``lags_seen``; zero state = an empty buffer = start of series). Each step the network sees,
+per lag l, the change since l steps ago and the change from now to the value l - 1 steps ago (what
+the season says comes next), and the head forecasts around a seasonal reference: for horizon step
+k, a softmax-weighted mix (weights from the hidden state) of the latest value and, per lag, the
+value at t + k - l * ceil(k / l) (the seasonal naive forecast of that lag). Before training it is
+close to the mean of the naive and seasonal naive forecasts; the network learns when to trust
+which and what to add. A reference not yet in the buffer falls back to the latest value.
+
 Members. With ``members`` K > 1 the model is K networks of ``hidden_size / K`` units each, trained
 one after another from their own seeds (own initialisation, data order and early stopping; see
 ``training.train.train_forecaster``), then packed into one recurrent stack by ``pack_members``:
@@ -38,6 +49,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+
+from training.evaluate import point_quantile
 
 MS_PER_DAY = 86_400_000
 MS_PER_WEEK = 7 * MS_PER_DAY
@@ -64,6 +77,10 @@ class ModelConfig:
     # whether today and tomorrow are holidays: a calendar fact known in advance, which matters
     # for a day-ahead forecast as much as the weekday does.
     holidays: tuple[str, ...] = ()
+    # Lagged values the network sees, in steps (see the module docstring); () for none. None (unset
+    # in a fit config) lets the pipeline choose one day and one week from the data's step, where the
+    # training data covers them (training.seasonality); a network built from None has no lags.
+    lags: tuple[int, ...] | None = ()
     # z = (asinh(x / value_unit) - value_loc) / value_scale; see the module docstring.
     value_unit: float = 1.0
     value_loc: float = 0.0
@@ -73,8 +90,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # Lists from YAML/JSON become tuples so the config stays hashable and frozen.
-        for name in ("quantiles", "covariates", "covariate_loc", "covariate_scale", "holidays"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("quantiles", "covariates", "covariate_loc", "covariate_scale", "holidays", "lags"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         # YAML reads 2014-12-25 as a date object; keep ISO strings (JSON, ONNX metadata).
         object.__setattr__(self, "holidays", tuple(str(d) for d in self.holidays))
         if self.cell not in CELLS:
@@ -103,6 +121,14 @@ class ModelConfig:
                 dt.date.fromisoformat(str(day))
             except ValueError:
                 raise ValueError(f"model.holidays takes ISO dates like 2014-12-25, got {day!r}") from None
+        lags = self.lags or ()
+        if any(isinstance(lag, bool) or not isinstance(lag, int) or lag < 2 for lag in lags) or list(lags) != sorted(
+            set(lags)
+        ):
+            raise ValueError(
+                "model.lags takes increasing whole numbers of steps >= 2, e.g. [48, 336] for a day and a week of "
+                f"half-hours (lag 1 is the latest value, which the model always sees); got {list(lags)}"
+            )
         if len(set(self.covariates)) != c:
             raise ValueError(f"covariate names must be unique, got {list(self.covariates)}")
 
@@ -115,15 +141,46 @@ class ModelConfig:
         return len(self.quantiles)
 
     @property
+    def point_quantile(self) -> float:
+        """The quantile whose path is the point forecast, for the backtest, the gate and the server
+        alike (exported as metadata ``point_quantile``); see training.evaluate.point_quantile."""
+        return point_quantile(self.quantiles)
+
+    @property
     def num_covariates(self) -> int:
         return len(self.covariates)
 
     @property
     def num_features(self) -> int:
-        # scaled value, daily sin/cos pairs, 7 weekday one-hots, holiday today/tomorrow, covariates. No time-of-year
-        # encoding: with a year or two of history it only memorises, and positions of the year
-        # past the training data would be extrapolation; the recurrent state tracks the level.
-        return 1 + 2 * self.daily_harmonics + 7 + 2 + self.num_covariates
+        # scaled value, daily sin/cos pairs, 7 weekday one-hots, holiday today/tomorrow, per lag (change since,
+        # change to next, seen flag), covariates. No time-of-year encoding: with a year or two of history it only
+        # memorises, and positions of the year past the training data would be extrapolation.
+        return 1 + 2 * self.daily_harmonics + 7 + 2 + 3 * len(self.lags or ()) + self.num_covariates
+
+    @property
+    def buffer_size(self) -> int:
+        """S: observations the lag buffer keeps (the longest lag; 0 without lags)."""
+        return max(self.lags or (), default=0)
+
+    @property
+    def num_references(self) -> int:
+        """What the head mixes: the latest value and one seasonal reference per lag."""
+        return 1 + len(self.lags or ())
+
+    @property
+    def head_size(self) -> int:
+        """Head outputs per member and horizon step: Q quantile terms, plus the reference mix's logits."""
+        return self.num_quantiles + (self.num_references if self.lags else 0)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """The recurrent state tensors, in graph order (CONTRACT §4)."""
+        return ("h",) + (("c",) if self.cell == "lstm" else ()) + (("lags", "lags_seen") if self.lags else ())
+
+    def state_shape(self, name: str, batch: int) -> tuple[int, ...]:
+        if name in ("h", "c"):
+            return (self.num_layers, batch, self.hidden_size)
+        return (batch, self.buffer_size) if name == "lags" else (batch, 1)
 
     @property
     def holiday_days(self) -> list[int]:
@@ -132,6 +189,22 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+State = dict[str, torch.Tensor]  # state name -> tensor, shapes as ModelConfig.state_shape
+
+
+def lag_offsets(config: ModelConfig) -> tuple[list[int], list[int]]:
+    """Where, relative to the current step t, each lag looks (see the module docstring).
+
+    Features: per lag l, t - l (the value one lag ago) and t + 1 - l (one lag before the next
+    step): [-l, 1 - l] per lag. References: for horizon step k, t + k - l * ceil(k / l), the last
+    value one or more whole lags before t + k, laid out horizon-major ([k][lag]). Every offset is
+    in [-S, 0], so the buffer of the last S values plus the current one holds all of them.
+    """
+    features = [off for lag in config.lags for off in (-lag, 1 - lag)]
+    references = [k - lag * -(-k // lag) for k in range(1, config.horizon + 1) for lag in config.lags]
+    return features, references
 
 
 class Forecaster(nn.Module):
@@ -149,7 +222,7 @@ class Forecaster(nn.Module):
             batch_first=True,
         )
         # One head per member (rows member-major); block-diagonal when built by pack_members.
-        self.head = nn.Linear(config.hidden_size, config.members * config.horizon * config.num_quantiles)
+        self.head = nn.Linear(config.hidden_size, config.members * config.horizon * config.head_size)
         c = config.num_covariates
         # Buffers, not Python floats, so the scaling lives in the state dict and the graphs.
         self.register_buffer("cov_loc", torch.tensor(config.covariate_loc or [0.0] * c, dtype=torch.float32))
@@ -159,6 +232,11 @@ class Forecaster(nn.Module):
         # An empty calendar gets one day no timestamp reaches, so the feature layout stays the same.
         days = torch.tensor(config.holiday_days or [-(10**9)], dtype=torch.int64)
         self.register_buffer("holiday_start_ms", days * MS_PER_DAY)
+        if config.lags:  # derived from the config, so not part of the state dict
+            features, references = lag_offsets(config)
+            self.register_buffer("lag_feature_offsets", torch.tensor(features, dtype=torch.int64), persistent=False)
+            self.register_buffer("lag_reference_offsets", torch.tensor(references, dtype=torch.int64), persistent=False)
+            self.register_buffer("buffer_positions", torch.arange(config.buffer_size), persistent=False)
 
     # -- transforms -------------------------------------------------------------------------
     def scale_values(self, values: torch.Tensor) -> torch.Tensor:
@@ -175,9 +253,13 @@ class Forecaster(nn.Module):
         return cfg.value_unit * 0.5 * (torch.exp(a) - torch.exp(-a))
 
     def features(
-        self, values: torch.Tensor, timestamps_ms: torch.Tensor, covariates: torch.Tensor | None
+        self,
+        values: torch.Tensor,
+        timestamps_ms: torch.Tensor,
+        covariates: torch.Tensor | None,
+        lag_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, T) values, (B, T) int64 ms, (B, T, C) covariates -> (B, T, F) features.
+        """(B, T) values, (B, T) int64 ms, (B, T, C) covariates, (B, T, 3 * lags) -> (B, T, F) features.
 
         Remainders are taken on int64 before casting: epoch ms do not fit float32 exactly,
         but a position within a day or week does.
@@ -195,71 +277,124 @@ class Forecaster(nn.Module):
         later = ts + MS_PER_DAY
         tomorrow = ((later >= start) & (later < start + MS_PER_DAY)).any(dim=-1, keepdim=True).to(torch.float32)
         parts = [z, torch.sin(angle), torch.cos(angle), onehot, today, tomorrow]
+        if lag_features is not None:
+            parts.append(lag_features)
         if covariates is not None and self.config.num_covariates:
             parts.append((covariates - self.cov_loc) / self.cov_scale)
         return torch.cat(parts, dim=-1)
 
+    # -- the lag buffer ---------------------------------------------------------------------
+    def _lag_window(self, values: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffer followed by this call's values, ext (B, S + T) raw, and which of them are real
+        observations, known (B, S + T) bool: the buffer's first S - lags_seen entries are not."""
+        ext = torch.cat([state["lags"], values], dim=1)
+        position = torch.arange(ext.shape[1], device=values.device).to(values.dtype)  # (S + T,)
+        known = position >= self.config.buffer_size - state["lags_seen"]  # (B, S + T)
+        return ext, known
+
+    def _lag_features(self, z: torch.Tensor, ext: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """z (B, T) scaled values -> (B, T, 3 * lags): per lag the change since one lag ago, the change
+        to the value one lag before the next step, and whether the lag is known (changes are 0 if not)."""
+        n, steps = len(self.config.lags), z.shape[1]
+        idx = self.config.buffer_size + torch.arange(steps, device=z.device)[:, None] + self.lag_feature_offsets
+        past = self.scale_values(ext[:, idx]).unflatten(-1, (n, 2))  # (B, T, lags, 2)
+        ok = known[:, idx].unflatten(-1, (n, 2)).to(z.dtype)
+        since = (z.unsqueeze(-1) - past[..., 0]) * ok[..., 0]
+        ahead = (past[..., 1] - z.unsqueeze(-1)) * ok[..., 1]
+        return torch.cat([since, ahead, ok[..., 0]], dim=-1)
+
+    def _references(self, ext: torch.Tensor, known: torch.Tensor, z: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Scaled references at the given steps (T',) with their z (B, T') -> (B, T', horizon, 1 + lags):
+        the latest value, then each lag's seasonal naive forecast (the latest value where unknown)."""
+        cfg = self.config
+        idx = cfg.buffer_size + steps[:, None] + self.lag_reference_offsets  # (T', horizon * lags)
+        latest = z.unsqueeze(-1)  # (B, T', 1)
+        lagged = torch.where(known[:, idx], self.scale_values(ext[:, idx]), latest)
+        lagged = lagged.unflatten(-1, (cfg.horizon, len(cfg.lags)))  # (B, T', horizon, lags)
+        return torch.cat([latest.unsqueeze(-1).expand(-1, -1, cfg.horizon, 1), lagged], dim=-1)
+
     # -- network ----------------------------------------------------------------------------
     def encode(
-        self,
-        values: torch.Tensor,
-        timestamps_ms: torch.Tensor,
-        covariates: torch.Tensor | None,
-        h: torch.Tensor,
-        c: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Run the recurrent cell: -> top-layer outputs (B, T, H), h_out (L, B, H), c_out."""
-        x = self.features(values, timestamps_ms, covariates)
-        if self.config.cell == "lstm":
-            out, (h_out, c_out) = self.rnn(x, (h, c))
-            return out, h_out, c_out
-        out, h_out = self.rnn(x, h)
-        return out, h_out, None
-
-    def quantiles_z(self, hidden: torch.Tensor, z_last: torch.Tensor) -> torch.Tensor:
-        """(..., H) hidden, (...) latest scaled value -> (..., horizon, Q) non-crossing z quantiles
-        (with members, their mean)."""
+        self, values: torch.Tensor, timestamps_ms: torch.Tensor, covariates: torch.Tensor | None, state: State
+    ) -> tuple[torch.Tensor, torch.Tensor, State, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Run the cell over (B, T) steps from ``state`` -> top-layer outputs (B, T, H), scaled values
+        (B, T), the state to continue from, and the lag window (ext, known) when the model has lags."""
         cfg = self.config
-        shape = (cfg.horizon, cfg.num_quantiles) if cfg.members == 1 else (cfg.members, cfg.horizon, cfg.num_quantiles)
+        z = self.scale_values(values)
+        window = self._lag_window(values, state) if cfg.lags else None
+        lag_features = self._lag_features(z, *window) if window is not None else None
+        x = self.features(values, timestamps_ms, covariates, lag_features)
+        if cfg.cell == "lstm":
+            out, (h_out, c_out) = self.rnn(x, (state["h"], state["c"]))
+            new = {"h": h_out, "c": c_out}
+        else:
+            out, h_out = self.rnn(x, state["h"])
+            new = {"h": h_out}
+        if window is not None:
+            s = cfg.buffer_size
+            # The last S values, this call's included; gathered by an index of static length S rather
+            # than sliced, so the exported graphs keep lags_out's shape [B, S] static like lags'.
+            new["lags"] = window[0][:, self.buffer_positions + values.shape[1]]
+            new["lags_seen"] = torch.clamp(state["lags_seen"] + values.shape[1], max=float(s))
+        return out, z, new, window
+
+    def quantiles_z(self, hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden and the reference -> (..., horizon, Q) non-crossing z quantiles (with members,
+        their mean). The reference is the latest scaled value (...) for a model without lags, else the
+        references (..., horizon, 1 + lags) that the head mixes."""
+        cfg = self.config
+        q = cfg.num_quantiles
+        shape = (cfg.horizon, cfg.head_size) if cfg.members == 1 else (cfg.members, cfg.horizon, cfg.head_size)
         raw = self.head(hidden).unflatten(-1, shape)
-        for _ in shape:
-            z_last = z_last.unsqueeze(-1)
-        lowest = raw[..., :1] + z_last
-        if cfg.num_quantiles > 1:
+        if cfg.lags:
+            ref = reference if cfg.members == 1 else reference.unsqueeze(-3)  # (..., [1,] horizon, R)
+            base = (torch.softmax(raw[..., q:], dim=-1) * ref).sum(dim=-1, keepdim=True)
+        else:
+            base = reference
+            for _ in shape:
+                base = base.unsqueeze(-1)
+        lowest = raw[..., :1] + base
+        if q > 1:
             # contiguous() first: softplus on the strided view measured ~6x slower (75 ms of a step).
-            steps = nn.functional.softplus(raw[..., 1:].contiguous())
+            steps = nn.functional.softplus(raw[..., 1:q].contiguous())
             lowest = torch.cat([lowest, lowest + torch.cumsum(steps, dim=-1)], dim=-1)
         return lowest if cfg.members == 1 else lowest.mean(dim=-3)
 
-    def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cfg = self.config
-        h = torch.zeros(cfg.num_layers, batch, cfg.hidden_size)
-        return h, (torch.zeros_like(h) if cfg.cell == "lstm" else None)
+    def zero_state(self, batch: int) -> State:
+        """The state of a series that has not started: all zeros (CONTRACT §4)."""
+        return {name: torch.zeros(self.config.state_shape(name, batch)) for name in self.config.state_names}
 
     def forecast_all_z(
-        self, values: torch.Tensor, timestamps_ms: torch.Tensor, covariates: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Training/backtest path: from zero state, the z-space forecast after every step.
-
-        (B, T) -> (B, T, horizon, Q); entry t is the forecast made after observing step t.
-        """
-        h, c = self.zero_state(values.shape[0])
-        out, _, _ = self.encode(values, timestamps_ms, covariates, h, c)
-        return self.quantiles_z(out, self.scale_values(values))
-
-    def forward(
         self,
         values: torch.Tensor,
         timestamps_ms: torch.Tensor,
-        covariates: torch.Tensor | None,
-        h: torch.Tensor,
-        c: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The sequence-graph contract: (B, T) in, raw-unit forecast (B, horizon, Q) after the
-        last step, plus the recurrent state to continue from."""
-        out, h_out, c_out = self.encode(values, timestamps_ms, covariates, h, c)
-        z = self.quantiles_z(out[:, -1], self.scale_values(values[:, -1]))
-        return self.unscale_values(z), h_out, c_out
+        covariates: torch.Tensor | None = None,
+        state: State | None = None,
+    ) -> torch.Tensor:
+        """Training/backtest path: from ``state`` (default zero: the start of the series), the z-space
+        forecast after every step. (B, T) -> (B, T, horizon, Q); entry t is made after observing step t.
+        Training windows pass the window's lag buffer with a zero recurrent state."""
+        state = self.zero_state(values.shape[0]) if state is None else state
+        out, z, _, window = self.encode(values, timestamps_ms, covariates, state)
+        if window is None:
+            return self.quantiles_z(out, z)
+        steps = torch.arange(values.shape[1], device=values.device)
+        return self.quantiles_z(out, self._references(*window, z, steps))
+
+    def forward(
+        self, values: torch.Tensor, timestamps_ms: torch.Tensor, covariates: torch.Tensor | None, *state: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """The sequence-graph contract: (B, T) in and the state tensors in ``state_names`` order ->
+        the raw-unit forecast (B, horizon, Q) after the last step, then the state to continue from."""
+        names = self.config.state_names
+        out, z, new, window = self.encode(values, timestamps_ms, covariates, dict(zip(names, state)))
+        if window is None:
+            reference = z[:, -1]
+        else:
+            last = torch.arange(values.shape[1], device=values.device)[-1:]  # (1,)
+            reference = self._references(*window, z[:, -1:], last)[:, 0]  # (B, horizon, R)
+        forecast = self.unscale_values(self.quantiles_z(out[:, -1], reference))
+        return (forecast, *(new[name] for name in names))
 
 
 def pack_members(nets: list[Forecaster]) -> Forecaster:
@@ -280,7 +415,7 @@ def pack_members(nets: list[Forecaster]) -> Forecaster:
     packed = Forecaster(ModelConfig(**{**first.to_dict(), "hidden_size": k * m, "members": k}))
     gates = 4 if first.cell == "lstm" else 3
     member_params = [dict(n.rnn.named_parameters()) for n in nets]
-    out = first.horizon * first.num_quantiles
+    out = first.horizon * first.head_size
     with torch.no_grad():
         for name, param in packed.rnn.named_parameters():
             param.zero_()

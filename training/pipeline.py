@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,11 +19,14 @@ from training.data import Dataset, Series, load_dataset
 from training.evaluate import BacktestResult, backtest, holdout_start, plot_backtest
 from training.export import example_inputs, export_model
 from training.model import Forecaster, ModelConfig
-from training.registry import Promotion, log_and_register, promote
-from training.train import TrainResult, forecast_series, scaled_config, train_forecaster
+from training.registry import Promotion, best_baseline, log_and_register, promote
+from training.seasonality import calendar_periods, covered_periods
+from training.train import TrainingError, TrainResult, forecast_series, scaled_config, train_forecaster
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_WINDOW = 336  # steps per training window when the config leaves it unset and the data allows
+MIN_WINDOW = 48  # the shortest window chosen for short series
 
 
 @dataclass
@@ -75,10 +79,14 @@ def load_state(state_dir: Path) -> Forecaster:
     return model.eval()
 
 
-def prepare(cfg: FitConfig) -> tuple[Dataset, list[Series], ModelConfig]:
-    """Load and validate the data, cut the training parts, fit the model's scaling to them."""
-    # Each series needs a training window plus a horizon before its backtest region.
-    min_length = cfg.train.window + cfg.model.horizon
+def prepare(cfg: FitConfig) -> tuple[Dataset, list[Series], ModelConfig, FitConfig]:
+    """Load and validate the data, cut the training parts, resolve what the config left to the
+    data (``resolve``), fit the model's scaling to the training parts. Returns the data set, the
+    training parts, the model config to build and the resolved fit config."""
+    # Each series needs a training window (or room for the shortest one) plus a horizon before its
+    # backtest region.
+    window = cfg.train.window or MIN_WINDOW
+    min_length = window + cfg.model.horizon
     dataset = load_dataset(cfg.data, min_length=int(min_length / (1 - cfg.eval.test_fraction)) + 1)
     fp = dataset.fingerprint
     log.info(
@@ -90,8 +98,31 @@ def prepare(cfg: FitConfig) -> tuple[Dataset, list[Series], ModelConfig]:
         fp["sha256"][:12],
     )
     train_parts = training_parts(dataset, cfg.eval.test_fraction)
+    cfg = resolve(cfg, dataset, train_parts)
     model_cfg = replace(cfg.model, covariates=dataset.covariate_names, freq_ms=dataset.freq_ms)
-    return dataset, train_parts, scaled_config(model_cfg, train_parts)
+    return dataset, train_parts, scaled_config(model_cfg, train_parts), cfg
+
+
+def resolve(cfg: FitConfig, dataset: Dataset, train_parts: list[Series]) -> FitConfig:
+    """The config with what it left unset chosen from the data, logged:
+    - ``model.lags``: one day and one week in steps of the data's frequency, those the shortest
+      training series covers three times over (training.seasonality);
+    - ``train.window``: 336 steps, or half of what the shortest training series leaves after its
+      validation share and one horizon, when that is less (at least MIN_WINDOW)."""
+    shortest = min(len(s.values) for s in train_parts)
+    model, train = cfg.model, cfg.train
+    if model.lags is None:
+        lags = covered_periods(calendar_periods(dataset.freq_ms), shortest, min_cycles=3)
+        model = replace(model, lags=tuple(lags))
+        log.info("model.lags unset: %s (one day / one week of %d ms steps, where covered)", list(lags), dataset.freq_ms)
+    if train.window is None:
+        room = shortest - math.ceil(train.val_fraction * shortest) - model.horizon
+        window = max(MIN_WINDOW, min(DEFAULT_WINDOW, room // 2))
+        train = replace(train, window=window)
+        log.info("train.window unset: %d steps", window)
+    if train.burn_in >= train.window:
+        raise TrainingError(f"train.burn_in ({train.burn_in}) must be shorter than train.window ({train.window})")
+    return replace(cfg, model=model, train=train)
 
 
 def run_backtest(model: Forecaster, dataset: Dataset, cfg: FitConfig) -> BacktestResult:
@@ -105,9 +136,11 @@ def run_backtest(model: Forecaster, dataset: Dataset, cfg: FitConfig) -> Backtes
     )
 
 
-def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True) -> FitOutcome:
+def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True, force: bool = False) -> FitOutcome:
+    """Train, backtest, export, log and register ``cfg``'s model, then run the promotion gate
+    (``force``: promote without it). The outcome says whether the new version was promoted."""
     # Data first: a bad file fails before any run is opened.
-    dataset, train_parts, model_cfg = prepare(cfg)
+    dataset, train_parts, model_cfg, cfg = prepare(cfg)
     fp = dataset.fingerprint
 
     mlflow.set_experiment(cfg.mlflow.experiment)
@@ -136,9 +169,17 @@ def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True) 
             mlflow.log_metric("best_epoch", result.best_epoch)
             best = str(result.best_epoch)
         mlflow.log_metric("train_seconds", result.seconds)
-        log.info("trained %d epochs in %.1fs (best epoch %s)", result.epochs, result.seconds, best)
+        mlflow.set_tag("stop_reason", result.stop_reason)  # patience, budget or max_epochs (per member, joined)
+        log.info(
+            "trained %d epochs in %.1fs (best epoch %s, stopped by %s)",
+            result.epochs,
+            result.seconds,
+            best,
+            result.stop_reason,
+        )
 
         bt = run_backtest(model, dataset, cfg)
+        baseline, baseline_mase = best_baseline(bt.baselines)
         mlflow.log_metrics({f"backtest_{k}": v for k, v in bt.metrics.items()})
         for name, metrics in bt.baselines.items():
             mlflow.log_metrics({f"{name}_{k}": v for k, v in metrics.items()})
@@ -159,6 +200,7 @@ def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True) 
                 "registered_model": cfg.mlflow.registered_model,
                 "data_fingerprint": fp["sha256"],
                 "fit_config": json.dumps(cfg.to_dict()),
+                "season": str(cfg.eval.season),
             }
             report = export_model(model, tmp / "onnx", metadata=meta)
             mlflow.log_metrics({f"parity_{k}": v for k, v in report.parity.items()})
@@ -168,10 +210,14 @@ def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True) 
                 "cell": model.config.cell,
                 "horizon": str(model.config.horizon),
                 "backtest_mase": repr(float(bt.metrics["mase"])),
+                "best_baseline": baseline,
+                "best_baseline_mase": repr(baseline_mase),
+                "gate_margin": repr(cfg.gate.margin),
+                "stop_reason": result.stop_reason,
                 "data_fingerprint": fp["sha256"],
             }
             version = log_and_register(tmp / "onnx", cfg.mlflow.registered_model, tags, example)
-        decision = promote(cfg.mlflow.registered_model, version.version)
+        decision = promote(cfg.mlflow.registered_model, version.version, force=force)
         mlflow.set_tags({"promoted": str(decision.promoted), "promotion_reason": decision.reason})
         log.info("promotion gate: %s", decision.reason)
 

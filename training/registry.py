@@ -97,11 +97,20 @@ def _mase(version: ModelVersion) -> float:
         raise RegistryError(f"version {version.version} has no numeric 'backtest_mase' tag") from exc
 
 
-def promote(name: str, version: str | None = None, force: bool = False) -> Promotion:
+def best_baseline(baselines: dict[str, dict[str, float]]) -> tuple[str, float]:
+    """The baseline with the lowest backtest MASE: (name, MASE)."""
+    name = min(baselines, key=lambda k: baselines[k]["mase"])
+    return name, float(baselines[name]["mase"])
+
+
+def promote(name: str, version: str | None = None, force: bool = False, margin: float | None = None) -> Promotion:
     """The promotion gate: move ``production`` to ``version`` (default: the ``candidate``).
 
-    It moves only when the version's backtest MASE beats production's on the same data
-    fingerprint, or when there is no production yet; ``force`` skips the comparison.
+    It moves only when the version's backtest MASE is below (1 - margin) x the best baseline's
+    (tags ``best_baseline``, ``best_baseline_mase``; ``margin`` defaults to the version's
+    ``gate_margin`` tag, the fit's ``gate.margin``), even for the first version, and below
+    production's on the same data fingerprint when there is a production version. ``force``
+    skips both checks.
     """
     client = MlflowClient()
     if version is None:
@@ -119,23 +128,42 @@ def promote(name: str, version: str | None = None, force: bool = False) -> Promo
         return Promotion(False, v, f"version {v} already holds {PRODUCTION!r}")
     if force:
         reason = f"forced: version {v} is now {PRODUCTION!r}"
-    elif prod is None:
-        reason = f"no {PRODUCTION!r} version yet; version {v} (MASE {_mase(cand):.4f}) becomes it"
     else:
-        new, old = _mase(cand), _mase(prod)
-        same_data = cand.tags.get("data_fingerprint") == prod.tags.get("data_fingerprint")
-        if not same_data:
-            return Promotion(
-                False,
-                v,
-                f"version {v} was backtested on other data than production version {prod.version} "
-                f"(fingerprints differ), so their MASE cannot be compared; use --force to promote anyway",
-            )
-        if not new < old:
-            return Promotion(
-                False, v, f"version {v} MASE {new:.4f} does not beat production version {prod.version} MASE {old:.4f}"
-            )
-        reason = f"version {v} MASE {new:.4f} beats production version {prod.version} MASE {old:.4f}"
+        new = _mase(cand)
+        margin = float(cand.tags.get("gate_margin", 0.0)) if margin is None else margin
+        baseline, baseline_mase = cand.tags.get("best_baseline"), cand.tags.get("best_baseline_mase")
+        if baseline_mase is None:
+            versus = "no baseline recorded"
+        else:
+            limit = float(baseline_mase) * (1.0 - margin)
+            if not new < limit:
+                return Promotion(
+                    False,
+                    v,
+                    f"version {v} MASE {new:.4f} does not beat the best baseline ({baseline}, MASE "
+                    f"{float(baseline_mase):.4f}) by gate.margin {margin:g} (needs < {limit:.4f}); it stays "
+                    f"{CANDIDATE!r} (use --force to promote anyway)",
+                )
+            versus = f"best baseline {baseline} {float(baseline_mase):.4f}"
+        if prod is None:
+            reason = f"no {PRODUCTION!r} version yet; version {v} (MASE {new:.4f}; {versus}) becomes it"
+        else:
+            old = _mase(prod)
+            same_data = cand.tags.get("data_fingerprint") == prod.tags.get("data_fingerprint")
+            if not same_data:
+                return Promotion(
+                    False,
+                    v,
+                    f"version {v} was backtested on other data than production version {prod.version} "
+                    f"(fingerprints differ), so their MASE cannot be compared; use --force to promote anyway",
+                )
+            if not new < old:
+                return Promotion(
+                    False,
+                    v,
+                    f"version {v} MASE {new:.4f} does not beat production version {prod.version} MASE {old:.4f}",
+                )
+            reason = f"version {v} MASE {new:.4f} beats production version {prod.version} MASE {old:.4f} ({versus})"
     client.set_registered_model_alias(name, PRODUCTION, v)
     log.info("promoted %s version %s: %s", name, v, reason)
     return Promotion(True, v, reason)

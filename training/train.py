@@ -39,11 +39,21 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss)."""
 
 
+STOP_PATIENCE, STOP_BUDGET, STOP_MAX_EPOCHS = "patience", "budget", "max_epochs"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    window: int = 336  # steps per training window (one week of half-hours)
+    # Steps per training window; None: 336 (a week of half-hours), or half of what the shortest
+    # training series leaves after validation and one horizon when that is less (resolved by the
+    # pipeline, see training.pipeline.resolve).
+    window: int | None = None
     batch_size: int = 64
-    max_epochs: int = 30
+    # Training runs until validation stops improving (patience), bounded by max_minutes of wall
+    # time for the whole fit (all members, validation and fine-tuning included); max_epochs is
+    # only a backstop. The learning-rate schedule is planned for the steps that fit in the budget.
+    max_epochs: int = 500
+    max_minutes: float = 5.0
     lr: float = 3e-3  # peak learning rate of the warm-up + cosine schedule
     weight_decay: float = 1e-4
     clip_norm: float = 1.0  # max global gradient norm; 0 disables
@@ -60,9 +70,13 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 
     def __post_init__(self) -> None:
-        for name in ("window", "batch_size", "max_epochs", "stride", "patience"):
+        for name in ("batch_size", "max_epochs", "stride", "patience") + (
+            ("window",) if self.window is not None else ()
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.max_minutes > 0:
+            raise ValueError(f"train.max_minutes must be a positive number of minutes, got {self.max_minutes!r}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be positive, got {self.lr}")
         if self.clip_norm < 0:
@@ -71,7 +85,7 @@ class TrainConfig:
             raise ValueError(f"train.clip_value must be positive or null, got {self.clip_value}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"train.val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        if not 0 <= self.burn_in < self.window:
+        if self.burn_in < 0 or (self.window is not None and self.burn_in >= self.window):
             raise ValueError(f"train.burn_in must be in [0, window), got {self.burn_in}")
         if self.finetune_passes < 0:
             raise ValueError(f"train.finetune_passes must be >= 0 (0 disables), got {self.finetune_passes}")
@@ -86,6 +100,7 @@ class TrainResult:
     best_epoch: int = 0
     best_val_loss: float = math.inf
     stopped_early: bool = False
+    stop_reason: str = ""  # STOP_PATIENCE, STOP_BUDGET or STOP_MAX_EPOCHS
     seconds: float = 0.0
     seed: int = 0
     # With model.members K > 1: one result per member, and the fields above stay empty but for
@@ -97,10 +112,20 @@ class TrainResult:
         """Epochs run, over all members."""
         return sum(len(r.history) for r in self.members) if self.members else len(self.history)
 
+    @property
+    def stop_reasons(self) -> list[str]:
+        """Why training stopped: one reason, or one per member."""
+        return [r.stop_reason for r in self.members] if self.members else [self.stop_reason]
+
     def summary(self) -> dict:
         out = {"seconds": round(self.seconds, 2), "epochs": self.epochs}
         if not self.members:
-            return {**out, "best_epoch": self.best_epoch, "finetune_passes": len(self.finetune)}
+            return {
+                **out,
+                "best_epoch": self.best_epoch,
+                "stop_reason": self.stop_reason,
+                "finetune_passes": len(self.finetune),
+            }
         return {**out, "members": [{"seed": r.seed, **r.summary()} for r in self.members]}
 
 
@@ -161,6 +186,7 @@ class _Windows:
     timestamps: torch.Tensor  # (N,) int64 ms
     covariates: torch.Tensor  # (N, C)
     targets: torch.Tensor  # (N, horizon) scaled future values; NaN past a series' end
+    series_start: torch.Tensor  # (N,) int64: where each position's series starts in the packed arrays
     starts: np.ndarray  # window start offsets into the packed arrays
     loss_from: np.ndarray  # per window: first position (within the window) that carries loss
     loss_to: np.ndarray  # per window: one past the last position that carries loss
@@ -171,7 +197,9 @@ def _pack(model: Forecaster, series: Sequence, cfg: TrainConfig) -> tuple[_Windo
     origins inside it) and recent windows (laid out like train windows, targets reaching into
     the validation split: the fine-tuning data), over the same packed arrays."""
     horizon, w = model.config.horizon, cfg.window
-    parts_v, parts_t, parts_c, parts_y = [], [], [], []
+    if w is None:
+        raise ValueError("train.window is unresolved (None); training.pipeline.resolve sets it from the data")
+    parts_v, parts_t, parts_c, parts_y, parts_s = [], [], [], [], []
     train, val, recent = ([], [], []), ([], [], []), ([], [], [])
     offset = 0
     for s in series:
@@ -184,6 +212,7 @@ def _pack(model: Forecaster, series: Sequence, cfg: TrainConfig) -> tuple[_Windo
         parts_t.append(_tensor(s.timestamps_ms, torch.int64))
         parts_c.append(_tensor(s.covariates, torch.float32).reshape(n, -1))
         parts_y.append(future)
+        parts_s.append(torch.full((n,), offset, dtype=torch.int64))
         val_start = n - max(1, math.ceil(cfg.val_fraction * n))
         # Train: the whole forecast (t + horizon) stays before the validation split.
         for start in range(0, val_start - horizon - w + 1, cfg.stride):
@@ -210,7 +239,7 @@ def _pack(model: Forecaster, series: Sequence, cfg: TrainConfig) -> tuple[_Windo
             f"series too short for window {w} + horizon {horizon} with val_fraction {cfg.val_fraction}: "
             f"lengths {[len(s.values) for s in series]}"
         )
-    packed = (torch.cat(parts_v), torch.cat(parts_t), torch.cat(parts_c), torch.cat(parts_y))
+    packed = (torch.cat(parts_v), torch.cat(parts_t), torch.cat(parts_c), torch.cat(parts_y), torch.cat(parts_s))
 
     def windows(idx: tuple[list, list, list]) -> _Windows:
         return _Windows(*packed, np.asarray(idx[0]), np.asarray(idx[1]), np.asarray(idx[2]))
@@ -218,18 +247,35 @@ def _pack(model: Forecaster, series: Sequence, cfg: TrainConfig) -> tuple[_Windo
     return windows(train), windows(val), windows(recent)
 
 
-def _batch(win: _Windows, rows: np.ndarray, width: int) -> tuple[torch.Tensor, ...]:
+def _batch(
+    model: Forecaster, win: _Windows, rows: np.ndarray, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Gather windows -> values (B, W), timestamps (B, W), covariates (B, W, C), targets (B, W, h),
-    and a loss mask (B, W). Validation windows may be shorter than ``width``: padded and masked."""
+    a loss mask (B, W), and the state each window starts from. Validation windows may be shorter
+    than ``width``: padded and masked.
+
+    The start state is zero (burn_in steps warm the recurrent state up) except for the lag buffer,
+    which holds the S values before the window, as a server streaming the series would have it:
+    zeros and a shorter count where the series began less than S steps before the window.
+    """
     pos = torch.arange(width)
-    idx = torch.as_tensor(win.starts[rows])[:, None] + pos  # (B, W)
+    start = torch.as_tensor(win.starts[rows])
+    idx = start[:, None] + pos  # (B, W)
     idx = idx.clamp(max=len(win.values) - 1)
     lo = torch.as_tensor(win.loss_from[rows])[:, None]
     hi = torch.as_tensor(win.loss_to[rows])[:, None]
     mask = (pos >= lo) & (pos < hi)
     targets = win.targets[idx]
     mask &= ~torch.isnan(targets).any(-1)
-    return win.values[idx], win.timestamps[idx], win.covariates[idx], torch.nan_to_num(targets), mask
+    state = model.zero_state(len(rows))
+    s = model.config.buffer_size
+    if s:
+        first = win.series_start[start]  # (B,)
+        back = start[:, None] - s + torch.arange(s)  # (B, S) positions before the window
+        known = back >= first[:, None]
+        state["lags"] = torch.where(known, win.values[back.clamp(min=0)], 0.0)
+        state["lags_seen"] = (start - first).clamp(max=s).to(torch.float32)[:, None]
+    return win.values[idx], win.timestamps[idx], win.covariates[idx], torch.nan_to_num(targets), mask, state
 
 
 def pinball_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
@@ -279,15 +325,18 @@ def train_forecaster(
     """Build and train the model of ``config`` (scaling statistics already fitted, see
     ``scaled_config``). With ``members`` K > 1, K networks of ``hidden_size / K`` units are
     trained one after another, each from its own seed (``member_seeds``), then packed into one;
-    their epoch metrics reach ``on_epoch`` as ``member{i}.NAME``."""
+    their epoch metrics reach ``on_epoch`` as ``member{i}.NAME``. The ``max_minutes`` budget
+    covers all members: each gets an even share of what is left when it starts."""
+    deadline = time.monotonic() + 60.0 * cfg.max_minutes
     if config.members == 1:
         model = _seeded_model(config, cfg.seed)
-        return model, train_model(model, series, cfg, on_epoch, progress)
+        return model, train_model(model, series, cfg, on_epoch, progress, deadline=deadline)
     single = replace(config, hidden_size=config.member_size, members=1)
     nets, results = [], []
     started = time.perf_counter()
     for i, seed in enumerate(member_seeds(cfg.seed, config.members)):
         log.info("member %d of %d: %d units, seed %d", i + 1, config.members, single.hidden_size, seed)
+        share = time.monotonic() + (deadline - time.monotonic()) / (config.members - i)
         net = _seeded_model(single, seed)
         hook = None
         if on_epoch is not None:
@@ -295,13 +344,13 @@ def train_forecaster(
             def hook(epoch: int, metrics: dict[str, float], i: int = i) -> None:
                 on_epoch(epoch, {f"member{i}.{k}": v for k, v in metrics.items()})
 
-        results.append(
-            train_model(net, series, replace(cfg, seed=seed), hook, progress, desc=f"member {i + 1}/{config.members}")
-        )
+        desc = f"member {i + 1}/{config.members}"
+        results.append(train_model(net, series, replace(cfg, seed=seed), hook, progress, desc=desc, deadline=share))
         nets.append(net)
     result = TrainResult(
         best_val_loss=float(np.mean([r.best_val_loss for r in results])),
         stopped_early=all(r.stopped_early for r in results),
+        stop_reason=",".join(sorted({r.stop_reason for r in results})),
         seconds=time.perf_counter() - started,
         seed=cfg.seed,
         members=results,
@@ -321,14 +370,24 @@ def train_model(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
     desc: str = "train",
+    deadline: float | None = None,
 ) -> TrainResult:
     """Fit ``model`` (one network: members 1) in place on the training parts of ``series``
     (objects with ``values`` (T,), ``timestamps_ms`` (T,) and ``covariates`` (T, C)); keep the
     weights of the best validation epoch, then fine-tune them on the most recent windows (see the
     module docstring). ``on_epoch(step, metrics)`` is called after each epoch and each
-    fine-tuning pass, numbered on from the last epoch (MLflow logging)."""
+    fine-tuning pass, numbered on from the last epoch (MLflow logging).
+
+    Training stops when validation has not improved for ``patience`` epochs, when the next epoch
+    (and the fine-tuning after it) would not fit before ``deadline`` (``time.monotonic()`` seconds;
+    default ``max_minutes`` from now), or after ``max_epochs``; ``stop_reason`` says which. The
+    learning-rate schedule (warm-up, cosine decay) is planned over the epochs that fit: after each
+    epoch the plan is re-estimated from the epochs' measured time, so a budget that cuts training
+    short still ends it at a low rate.
+    """
     if model.config.members != 1:
         raise ValueError("train_model fits one network; train a model of members with train_forecaster")
+    deadline = time.monotonic() + 60.0 * cfg.max_minutes if deadline is None else deadline
     torch.manual_seed(cfg.seed)
     keep_freed_memory()
     if cfg.threads:
@@ -339,8 +398,10 @@ def train_model(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_w.starts) / cfg.batch_size)
-    total = steps_per_epoch * cfg.max_epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, warmup=steps_per_epoch))
+    plan = {"epochs": cfg.max_epochs}  # revised after every epoch; the schedule reads it
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _schedule(s, plan["epochs"] * steps_per_epoch, warmup=steps_per_epoch)
+    )
     # (No recent windows only when the validation stretch is shorter than the stride.)
     passes = cfg.finetune_passes if len(recent_w.starts) else 0
     finetune_steps = math.ceil(len(recent_w.starts) / cfg.batch_size) * passes
@@ -349,7 +410,7 @@ def train_model(
     started = time.perf_counter()
     # Redrawn at most every 2 s when stderr is a log file rather than a terminal.
     bar = tqdm(
-        total=total + finetune_steps,
+        total=steps_per_epoch * cfg.max_epochs + finetune_steps,
         desc=desc,
         unit="step",
         disable=not progress,
@@ -358,8 +419,11 @@ def train_model(
         mininterval=0.1 if sys.stderr.isatty() else 2.0,
     )
     try:
+        result.stop_reason = STOP_MAX_EPOCHS
         for epoch in range(1, cfg.max_epochs + 1):
+            epoch_started = time.monotonic()
             metrics = _train_pass(model, train_w, rng, opt, sched, cfg, quantiles, bar, f"epoch {epoch}")
+            pass_seconds = time.monotonic() - epoch_started
             val_loss = evaluate_loss(model, val_w, cfg, quantiles)
             metrics = {"train_loss": metrics.pop("loss"), "val_loss": val_loss, **metrics}
             result.history.append(metrics)
@@ -371,10 +435,25 @@ def train_model(
                 result.best_val_loss, result.best_epoch = val_loss, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             elif epoch - result.best_epoch >= cfg.patience:
-                result.stopped_early = True
+                result.stop_reason, result.stopped_early = STOP_PATIENCE, True
                 log.info("early stop at epoch %d: no validation gain for %d epochs", epoch, cfg.patience)
-                bar.total = bar.n + finetune_steps
                 break
+            # The budget: epochs that still fit, each as long as this one, after reserving the
+            # fine-tuning (its passes cost what their share of windows costs in a training pass).
+            epoch_seconds = time.monotonic() - epoch_started
+            finetune_seconds = pass_seconds * passes * len(recent_w.starts) / len(train_w.starts)
+            fits = int((deadline - time.monotonic() - finetune_seconds) // epoch_seconds)
+            plan["epochs"] = min(cfg.max_epochs, epoch + max(0, fits))
+            bar.total = plan["epochs"] * steps_per_epoch + finetune_steps
+            if fits < 1 and epoch < cfg.max_epochs:
+                result.stop_reason = STOP_BUDGET
+                log.info(
+                    "stop at epoch %d: the time budget (train.max_minutes %g) has no room for another epoch",
+                    epoch,
+                    cfg.max_minutes,
+                )
+                break
+        bar.total = bar.n + finetune_steps
         model.load_state_dict(best_state)
         # Fine-tuning: a fresh optimizer at a constant low rate, the same clipping.
         opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=cfg.weight_decay)
@@ -390,6 +469,14 @@ def train_model(
         bar.close()
     model.eval()
     result.seconds = time.perf_counter() - started
+    log.info(
+        "%s: %d epochs in %.1fs, best epoch %d, stopped by %s",
+        desc,
+        len(result.history),
+        result.seconds,
+        result.best_epoch,
+        result.stop_reason,
+    )
     return result
 
 
@@ -411,8 +498,8 @@ def _train_pass(
     losses, norms, clipped = [], [], 0
     params = [p for group in opt.param_groups for p in group["params"]]
     for step, first in enumerate(range(0, len(order), cfg.batch_size), start=1):
-        values, ts, cov, target, mask = _batch(win, order[first : first + cfg.batch_size], cfg.window)
-        loss = pinball_loss(model.forecast_all_z(values, ts, cov), target, mask, quantiles)
+        values, ts, cov, target, mask, state = _batch(model, win, order[first : first + cfg.batch_size], cfg.window)
+        loss = pinball_loss(model.forecast_all_z(values, ts, cov, state), target, mask, quantiles)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss ({loss.item()}) at {where}, step {step}")
         opt.zero_grad(set_to_none=True)
@@ -441,8 +528,8 @@ def evaluate_loss(model: Forecaster, win: _Windows, cfg: TrainConfig, quantiles:
     total, weight = 0.0, 0
     rows = np.arange(len(win.starts))
     for first in range(0, len(rows), cfg.batch_size):
-        values, ts, cov, target, mask = _batch(win, rows[first : first + cfg.batch_size], cfg.window)
-        loss = pinball_loss(model.forecast_all_z(values, ts, cov), target, mask, quantiles)
+        values, ts, cov, target, mask, state = _batch(model, win, rows[first : first + cfg.batch_size], cfg.window)
+        loss = pinball_loss(model.forecast_all_z(values, ts, cov, state), target, mask, quantiles)
         total += loss.item() * int(mask.sum())
         weight += int(mask.sum())
     return total / max(1, weight)

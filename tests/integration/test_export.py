@@ -10,15 +10,20 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tests.conftest import train_tiny
+from tests.conftest import train_tiny, zero_state_feeds
 from training.export import PARITY_TOLERANCE, check_parity, export_model
 
-VARIANTS = [("lstm", ()), ("lstm", ("temp", "workday")), ("gru", ()), ("gru", ("temp",))]
+VARIANTS = [
+    ("lstm", (), ()),
+    ("lstm", ("temp", "workday"), (12, 48)),
+    ("gru", (), (12, 48)),
+    ("gru", ("temp",), ()),
+]
 
 
-@pytest.mark.parametrize("cell, covariates", VARIANTS)
-def test_graphs_follow_the_contract_and_agree(tmp_path, cell, covariates):
-    model = train_tiny(cell, covariates, epochs=1)
+@pytest.mark.parametrize("cell, covariates, lags", VARIANTS)
+def test_graphs_follow_the_contract_and_agree(tmp_path, cell, covariates, lags):
+    model = train_tiny(cell, covariates, epochs=1, lags=lags)
     report = export_model(model, tmp_path, metadata={"target": "load", "mlflow_run_id": "r1"})
     assert report.worst < PARITY_TOLERANCE
     assert set(report.parity) == {
@@ -29,7 +34,7 @@ def test_graphs_follow_the_contract_and_agree(tmp_path, cell, covariates):
     }
 
     cfg, c = model.config, len(covariates)
-    state_in = ["h", "c"] if cell == "lstm" else ["h"]
+    state_in = (["h", "c"] if cell == "lstm" else ["h"]) + (["lags", "lags_seen"] if lags else [])
     for name, time_axis in (("model.onnx", False), ("sequence.onnx", True)):
         proto = onnx.load(str(tmp_path / name))
         onnx.checker.check_model(proto, full_check=True)
@@ -39,12 +44,17 @@ def test_graphs_follow_the_contract_and_agree(tmp_path, cell, covariates):
         assert list(inputs) == expected
         assert len(inputs["values"]) == (2 if time_axis else 1)
         assert inputs["h"][0] == cfg.num_layers and inputs["h"][2] == cfg.hidden_size
+        if lags:  # the lag buffer [B, S] and its count [B, 1]: batch first
+            assert inputs["lags"][1] == max(lags) and inputs["lags_seen"][1] == 1
+            assert isinstance(inputs["lags"][0], str) and isinstance(inputs["h"][1], str)  # dynamic batch axes
         assert outputs == ["forecast"] + [f"{s}_out" for s in state_in]
         meta = {p.key: p.value for p in proto.metadata_props}
         assert meta["cell"] == cell and meta["horizon"] == str(cfg.horizon)
         assert meta["quantiles"] == "0.1,0.5,0.9" and meta["covariates"] == ",".join(covariates)
         assert meta["freq_ms"] == "1800000" and meta["target"] == "load" and meta["mlflow_run_id"] == "r1"
         assert json.loads(meta["model_config"])["hidden_size"] == cfg.hidden_size
+        assert meta["state"] == ",".join(state_in) and meta["lags"] == ",".join(map(str, lags))
+        assert meta["point_quantile"] == "0.5" and meta["season"] == "48"
         ops = {n.op_type for n in proto.graph.node}
         assert ("LSTM" if cell == "lstm" else "GRU") in ops  # native recurrent ops, not unrolled
 
@@ -85,9 +95,8 @@ def test_forecasts_are_in_data_units(tmp_path, tiny_model_dir):
     d = tiny_model_dir("lstm")
     s = synthetic_series(n=48 * 5, seed=0)
     seq = ort.InferenceSession(str(d / "sequence.onnx"), providers=["CPUExecutionProvider"])
-    zeros = np.zeros((2, 1, 16), np.float32)
     forecast = seq.run(
-        None, {"values": s.values[None], "timestamps_ms": s.timestamps_ms[None], "h": zeros, "c": zeros}
+        None, {"values": s.values[None], "timestamps_ms": s.timestamps_ms[None], **zero_state_feeds(seq, 1)}
     )[0]
     # The synthetic series lives around 10 (0.55 .. 1.3 of level 10): so must its forecasts.
     assert 4.0 < float(np.median(forecast)) < 16.0
@@ -108,8 +117,7 @@ def test_holiday_calendar_is_inside_the_graphs(tmp_path):
     step = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     midnight = 1_398_470_400_000  # 2014-04-26 00:00 UTC, the day after the holiday
     ts = np.array([midnight - 1_800_000, midnight, midnight + 1, midnight - 7 * 86_400_000], np.int64)
-    h = np.zeros((2, 4, 16), np.float32)
-    feeds = {"values": np.full(4, 10.0, np.float32), "timestamps_ms": ts, "h": h, "c": h}
+    feeds = {"values": np.full(4, 10.0, np.float32), "timestamps_ms": ts, **zero_state_feeds(step, 4)}
     got = step.run(None, feeds)[0]
     np.testing.assert_allclose(got, _torch_run(model, feeds, step=True)[0], rtol=1e-5, atol=1e-5)
     flags = model.features(torch.full((4, 1), 10.0), torch.from_numpy(ts)[:, None], None)[:, 0, -2:]

@@ -62,7 +62,14 @@ def test_a_fit_logs_everything_to_one_run(mlflow_store, tmp_path):
     assert version.tags["run_id"] == outcome.run_id and version.tags["cell"] == "lstm"
     assert version.tags["horizon"] == "12" and float(version.tags["backtest_mase"]) == outcome.backtest.metrics["mase"]
     assert version.tags["data_fingerprint"] == params["data_fingerprint.sha256"]
-    assert run.data.tags["promoted"] == "True"
+    # The gate: the version carries the best baseline it had to beat, and was promoted exactly when it did.
+    best = min(outcome.backtest.baselines, key=lambda k: outcome.backtest.baselines[k]["mase"])
+    assert version.tags["best_baseline"] == best and version.tags["gate_margin"] == "0.0"
+    beats = outcome.backtest.metrics["mase"] < float(version.tags["best_baseline_mase"])
+    assert run.data.tags["promoted"] == str(beats) and outcome.promotion.promoted == beats
+    # What the config left unset was chosen from the data and logged: a day and a week of hours.
+    assert params["model.lags"] == "[24, 168]" and params["train.window"] == "96"
+    assert run.data.tags["stop_reason"] == version.tags["stop_reason"] == "max_epochs"
 
 
 def test_a_fit_of_members_logs_each_member_and_rebuilds_the_packed_model(mlflow_store, tmp_path):

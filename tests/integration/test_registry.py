@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import register_model_dir, synthetic_series
+from tests.conftest import register_model_dir, synthetic_series, zero_state_feeds
 from training.registry import RegistryError, promote
 
 
@@ -36,22 +36,20 @@ def test_a_registered_version_runs_in_plain_onnxruntime(mlflow_store, tiny_model
         step = ort.InferenceSession(find(root, "model.onnx"), providers=["CPUExecutionProvider"])
         seq = ort.InferenceSession(find(root, "sequence.onnx"), providers=["CPUExecutionProvider"])
         meta = step.get_modelmeta().custom_metadata_map
-        layers, hidden, horizon = int(meta["num_layers"]), int(meta["hidden_size"]), int(meta["horizon"])
+        horizon, names = int(meta["horizon"]), meta["state"].split(",")
 
         # Three series streamed step by step == one run of the sequence graph == each alone.
         series = [synthetic_series(n=60, seed=k, series_id=f"s{k}", level=10.0 * (k + 1)) for k in range(3)]
         values = np.stack([s.values for s in series])
         ts = np.stack([s.timestamps_ms for s in series])
-        h = np.zeros((layers, 3, hidden), np.float32)
-        c = np.zeros_like(h)
+        state = zero_state_feeds(step, 3)  # h, c and the lag buffer, from the graph's metadata
         for t in range(values.shape[1]):
-            forecast, h, c = step.run(None, {"values": values[:, t], "timestamps_ms": ts[:, t], "h": h, "c": c})
-        zeros = np.zeros_like(h)
-        whole = seq.run(None, {"values": values, "timestamps_ms": ts, "h": zeros, "c": zeros})[0]
+            forecast, *outs = step.run(None, {"values": values[:, t], "timestamps_ms": ts[:, t], **state})
+            state = dict(zip(names, outs))
+        whole = seq.run(None, {"values": values, "timestamps_ms": ts, **zero_state_feeds(seq, 3)})[0]
         np.testing.assert_allclose(forecast, whole, rtol=1e-4, atol=1e-4)
         assert forecast.shape == (3, horizon, 3) and (np.diff(forecast, axis=-1) >= 0).all()
-        z1 = np.zeros((layers, 1, hidden), np.float32)
-        alone = seq.run(None, {"values": values[2:], "timestamps_ms": ts[2:], "h": z1, "c": z1})[0]
+        alone = seq.run(None, {"values": values[2:], "timestamps_ms": ts[2:], **zero_state_feeds(seq, 1)})[0]
         np.testing.assert_allclose(alone, whole[2:], rtol=1e-5, atol=1e-5)
 
 
@@ -72,3 +70,14 @@ def test_the_gate_promotes_a_better_model_and_keeps_a_worse_one_out(mlflow_store
     assert forced.promoted and alias_of("production") == v2
     with pytest.raises(RegistryError, match="no version 99"):
         promote("forecaster", version="99")
+
+
+def test_no_version_is_promoted_unless_it_beats_the_best_baseline(mlflow_store, tiny_model_dir):
+    d = tiny_model_dir("lstm")
+    register_model_dir(mlflow_store, d, mase=0.9, baseline_mase=0.85)
+    first = promote("forecaster")  # the first version too: a loser never becomes production
+    assert not first.promoted and "does not beat the best baseline (seasonal_naive, MASE 0.8500)" in first.reason
+    assert MlflowClient().get_registered_model("forecaster").aliases.get("production") is None
+    v2 = register_model_dir(mlflow_store, d, mase=0.84, baseline_mase=0.85)
+    assert not promote("forecaster", margin=0.05).promoted  # 0.84 is not below 0.95 x 0.85
+    assert promote("forecaster").promoted and alias_of("production") == v2

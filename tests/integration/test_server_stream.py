@@ -142,12 +142,12 @@ def test_unary_forecast_equals_the_offline_sequence_graph(client, model_dir):
 def test_model_info_reports_the_model_and_the_real_provider(client, model_dir):
     info = client.calls["GetModelInfo"](client.messages["GetModelInfoRequest"](), timeout=10)
     offline = OfflineModel(model_dir)
-    assert (info.name, info.cell, info.num_layers, info.hidden_size) == (
-        "forecaster",
-        "lstm",
-        2,
-        offline.hidden,
-    )
+    assert (info.name, info.cell, info.num_layers, info.hidden_size) == ("forecaster", "lstm", 2, 16)
+    assert list(info.state) == offline.state_names == ["h", "c", "lags", "lags_seen"]
+    assert list(info.lags) == [12, 48] and info.season == 48
+    assert info.point_quantile == pytest.approx(0.5)
+    # h and c [2, B, 16], the lag buffer [B, 48] and its count [B, 1], float32: what one series costs
+    assert info.state_bytes_per_series == 4 * (2 * 2 * 16 + 48 + 1)
     assert info.freq_ms == FREQ_MS and list(info.covariates) == []
     assert [round(q, 6) for q in info.quantiles] == offline.quantiles
     assert info.execution_provider == "CPUExecutionProvider"

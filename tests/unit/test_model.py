@@ -46,23 +46,70 @@ def test_quantiles_never_cross_even_for_extreme_inputs(cell):
             p.normal_(0, 5.0)  # wild head weights: crossing would show
     values = torch.tensor(np.random.default_rng(0).normal(10, 5, (4, 30)), dtype=torch.float32)
     ts = MONDAY_2014_01_06 + torch.arange(30)[None].repeat(4, 1) * 1_800_000
-    h, c = m.zero_state(4)
-    forecast, _, _ = m(values, ts, None, h, c)
-    assert forecast.shape == (4, 5, 5)
-    assert (forecast.diff(dim=-1) >= 0).all()
+    for lags in ((), (3, 7)):
+        m = model(cell=cell, quantiles=(0.05, 0.25, 0.5, 0.75, 0.95), lags=lags)
+        with torch.no_grad():
+            for p in m.head.parameters():
+                p.normal_(0, 5.0)  # wild head weights: crossing would show
+        forecast, *_ = m(values, ts, None, *m.zero_state(4).values())
+        assert forecast.shape == (4, 5, 5)
+        assert (forecast.diff(dim=-1) >= 0).all()
 
 
-def test_state_carries_history():
-    m = model()
+@pytest.mark.parametrize("lags", [(), (4, 9)])
+def test_state_carries_history(lags):
+    m = model(lags=lags)
     ts = MONDAY_2014_01_06 + torch.arange(20)[None] * 1_800_000
     values = torch.linspace(5, 15, 20)[None]
-    h, c = m.zero_state(1)
-    whole, h_all, _ = m(values, ts, None, h, c)
-    _, h1, c1 = m(values[:, :12], ts[:, :12], None, h, c)
-    rest, h2, _ = m(values[:, 12:], ts[:, 12:], None, h1, c1)
-    assert torch.allclose(whole, rest, atol=1e-5) and torch.allclose(h_all, h2, atol=1e-6)
-    fresh, _, _ = m(values[:, 12:], ts[:, 12:], None, h, c)
+    zero = list(m.zero_state(1).values())
+    whole, *state_all = m(values, ts, None, *zero)
+    _, *state1 = m(values[:, :12], ts[:, :12], None, *zero)
+    rest, *state2 = m(values[:, 12:], ts[:, 12:], None, *state1)
+    assert torch.allclose(whole, rest, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(state_all, state2))
+    fresh, *_ = m(values[:, 12:], ts[:, 12:], None, *zero)
     assert not torch.allclose(fresh, rest, atol=1e-4)  # zero state = start of series
+
+
+def test_the_lag_buffer_keeps_the_last_values_and_counts_them():
+    m = model(lags=(3, 5))
+    assert m.config.state_names == ("h", "c", "lags", "lags_seen") and m.config.buffer_size == 5
+    ts = MONDAY_2014_01_06 + torch.arange(7)[None] * 1_800_000
+    values = torch.arange(1.0, 8.0)[None]  # 1..7
+    state = m.zero_state(1)
+    _, _, _, lags, seen = m(values[:, :3], ts[:, :3], None, *state.values())
+    assert lags.tolist() == [[0.0, 0.0, 1.0, 2.0, 3.0]] and seen.tolist() == [[3.0]]  # not full yet
+    _, _, _, lags, seen = m(values[:, 3:], ts[:, 3:], None, state["h"], state["c"], lags, seen)
+    assert lags.tolist() == [[3.0, 4.0, 5.0, 6.0, 7.0]] and seen.tolist() == [[5.0]]  # the last 5, capped at S
+
+
+def forced_to(m: Forecaster, reference: int) -> Forecaster:
+    """The head forecasts one reference exactly: zero weights, one logit far above the others."""
+    with torch.no_grad():
+        m.head.weight.zero_()
+        bias = m.head.bias.view(m.config.horizon, m.config.head_size)
+        bias.zero_()
+        bias[:, m.config.num_quantiles + reference] = 50.0
+    return m
+
+
+@pytest.mark.parametrize("lag_index, lag", [(1, 4), (2, 6)])
+def test_the_head_forecasts_around_seasonal_references(lag_index, lag):
+    """With the head forced onto one lag's reference, the forecast is that lag's seasonal naive
+    forecast (the value one or more whole lags before each target step), and the latest value
+    while the buffer does not yet hold it."""
+    m = forced_to(model(lags=(4, 6), horizon=9, quantiles=(0.5,)), lag_index)
+    n = 20
+    values = torch.tensor(np.random.default_rng(1).uniform(5, 15, n), dtype=torch.float32)[None]
+    ts = MONDAY_2014_01_06 + torch.arange(n)[None] * 1_800_000
+    with torch.no_grad():
+        path = m.unscale_values(m.forecast_all_z(values, ts))[0, :, :, 0]  # (T, horizon)
+    y = values[0]
+    for t in range(n):
+        for k in range(1, 10):
+            back = lag * -(-k // lag)  # whole lags before step t + k
+            expected = y[t + k - back] if t + k - back >= 0 else y[t]  # unknown yet: the latest value
+            assert path[t, k - 1].item() == pytest.approx(expected.item(), rel=1e-4), (t, k)
 
 
 @pytest.mark.parametrize(
@@ -73,6 +120,8 @@ def test_state_carries_history():
         (dict(quantiles=(0.0, 0.5)), "strictly increasing"),
         (dict(horizon=0), "model.horizon"),
         (dict(hidden_size=10, members=3), "split evenly"),
+        (dict(lags=(1, 48)), "model.lags"),
+        (dict(lags=(336, 48)), "model.lags"),
         (
             dict(covariates=("a",), covariate_loc=(0.0, 1.0), covariate_scale=(1.0, 1.0)),
             "one entry per covariate",
@@ -95,12 +144,12 @@ def test_holiday_flags_for_today_and_tomorrow():
         ModelConfig(holidays=("25/12/2014",))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_packed_members_forecast_exactly_the_mean_of_the_networks(cell):
+@pytest.mark.parametrize("cell, lags", [("lstm", ()), ("gru", ()), ("lstm", (3, 7))])
+def test_packed_members_forecast_exactly_the_mean_of_the_networks(cell, lags):
     nets = []
     for seed in (1, 2, 3):
         torch.manual_seed(seed)
-        nets.append(Forecaster(ModelConfig(cell=cell, hidden_size=4, num_layers=2, horizon=5)).eval())
+        nets.append(Forecaster(ModelConfig(cell=cell, hidden_size=4, num_layers=2, horizon=5, lags=lags)).eval())
     packed = pack_members(nets)
     assert packed.config.hidden_size == 12 and packed.config.members == 3 and packed.config.member_size == 4
     values = torch.rand(2, 30) * 3 + 1
@@ -109,12 +158,10 @@ def test_packed_members_forecast_exactly_the_mean_of_the_networks(cell):
         each = torch.stack([n.forecast_all_z(values, ts) for n in nets])
         np.testing.assert_allclose(packed.forecast_all_z(values, ts), each.mean(dim=0), rtol=1e-5, atol=1e-6)
         # Stepping the packed state (the serving path) agrees too, and its state is the members' states side by side.
-        h, c = packed.zero_state(2)
-        _, h1, c1 = packed(values[:, :10], ts[:, :10], None, h, c)
-        out, _, _ = packed(values[:, 10:], ts[:, 10:], None, h1, c1)
+        _, h1, *state1 = packed(values[:, :10], ts[:, :10], None, *packed.zero_state(2).values())
+        out, *_ = packed(values[:, 10:], ts[:, 10:], None, h1, *state1)
         np.testing.assert_allclose(out, packed.unscale_values(packed.forecast_all_z(values, ts)[:, -1]), rtol=1e-5)
-        h0, c0 = nets[1].zero_state(2)
-        _, member_h, _ = nets[1](values[:, :10], ts[:, :10], None, h0, c0)
+        _, member_h, *_ = nets[1](values[:, :10], ts[:, :10], None, *nets[1].zero_state(2).values())
         np.testing.assert_allclose(h1[:, :, 4:8], member_h, rtol=1e-5, atol=1e-6)
     assert (torch.diff(packed.forecast_all_z(values, ts), dim=-1) >= 0).all()  # still never crosses
 

@@ -3,12 +3,15 @@
 import numpy as np
 import pytest
 
+from serving.contract import StateTensor
 from serving.errors import CapacityExceeded
 from serving.state import StateArena
 
+H, C, LAGS = StateTensor("h", (2, None, 3)), StateTensor("c", (2, None, 3)), StateTensor("lags", (None, 4))
 
-def arena(initial: int = 2, cap: int = 16, tensors: int = 2) -> StateArena:
-    return StateArena(num_layers=2, hidden_size=3, num_tensors=tensors, initial_capacity=initial, max_capacity=cap)
+
+def arena(initial: int = 2, cap: int = 16, tensors: tuple[StateTensor, ...] = (H, C, LAGS)) -> StateArena:
+    return StateArena(tensors, initial_capacity=initial, max_capacity=cap)
 
 
 def test_new_rows_start_from_zero_state_even_when_reused():
@@ -33,7 +36,8 @@ def test_grows_by_doubling_up_to_the_cap_and_keeps_state():
     a.alloc(["d", "e"], now=0.0)
     assert a.capacity == 5  # doubling stops at the cap
     assert all((s == 7).all() for s in a.gather(first)[0])
-    assert a.states[0].shape == (2, 5, 3)  # [L, capacity, H]
+    assert a.states[0].shape == (2, 5, 3)  # [L, capacity, H]: the batch axis of h holds the rows
+    assert a.states[2].shape == (5, 4)  # [capacity, S]: and so does the lag buffer's
     with pytest.raises(CapacityExceeded, match="at most 5"):
         a.alloc(["f"], now=0.0)
 
@@ -58,8 +62,20 @@ def test_double_free_does_not_duplicate_rows():
     assert len(set(a.alloc(["w", "x", "y", "z"], now=0.0).tolist())) == 4
 
 
+def test_rows_gather_and_scatter_along_each_tensors_batch_axis():
+    a = arena(initial=4, cap=4)
+    rows = a.alloc(["a", "b", "c"], now=0.0)
+    states, epochs = a.gather(rows[[2, 0]])
+    assert [s.shape for s in states] == [(2, 2, 3), (2, 2, 3), (2, 4)]  # the graph's input shapes for B = 2
+    assert all(s.flags["C_CONTIGUOUS"] for s in states)  # ORT takes them as they are
+    a.scatter(rows[[2, 0]], epochs, [np.full_like(s, k + 1.0) for k, s in enumerate(states)])
+    h, c, lags = a.gather(rows)[0]
+    assert h[:, 0].max() == 1 and h[:, 1].max() == 0 and h[:, 2].min() == 1  # series a and c, not b
+    assert (c[:, [0, 2]] == 2).all() and (lags[[0, 2]] == 3).all() and (lags[1] == 0).all()
+
+
 def test_idle_rows_and_bookkeeping():
-    a = arena(tensors=1)
+    a = arena(tensors=(H,))
     rows = a.alloc(["a", "b"], now=100.0)
     steps = a.record_steps(rows[1:], np.array([5_000], np.int64), now=200.0)
     assert steps.tolist() == [1]
