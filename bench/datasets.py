@@ -24,19 +24,20 @@ import numpy as np
 import pandas as pd
 
 from training.config import FitConfig, build_config
+from training.evaluate import backtest_origins
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / "data"
 # Prepared files live in a folder per version: bump it when a preparation changes, so that a cache
 # made by older code is not read as if it were current (single-series files name their series after
 # the file, so the version cannot go into the file name).
-PREP_VERSION = "v1"
+PREP_VERSION = "v2"
 
 
 def bank_calls(cache_dir: Path = DEFAULT_CACHE) -> dict:
     """5-minute call arrivals at a large North American bank's call centre, 2003 (fpp3::bank_calls).
 
     Measures: 5-minute data with two strong seasons (a day, 288 steps; a week, 2016), one series, long
-    (54,432 steps), counts. The source holds only the open hours: weekdays 07:00 to 21:00 (the last
+    (53,856 steps), counts. The source holds only the open hours: weekdays 07:00 to 21:00 (the last
     5-minute interval starts at 21:00), in the centre's local wall-clock time (the opening hours do not
     move at the daylight-saving change of 2003-04-06, so the times are not real UTC despite the label).
 
@@ -45,8 +46,16 @@ def bank_calls(cache_dir: Path = DEFAULT_CACHE) -> dict:
     weekdays have no data: three are US federal holidays (2003-05-26, 07-04, 09-01, closed: 0 calls), but
     2003-04-04, 04-07 and 10-14 are not holidays and are absent without explanation (probably recording
     gaps). Rather than invent those days (zeros would be false, and a copy of a week earlier would hand
-    the weekly seasonal naive a perfect day in the test region), the set is the longest stretch without
-    them: 2003-04-08 to 2003-10-13 (189 days, 27 weeks).
+    the weekly seasonal naive a perfect day in the test region), the set comes from the longest stretch
+    without them, 2003-04-08 to 2003-10-13 (189 days).
+
+    Second quirk: the backtest forecasts once a day (every ``eval.season`` steps), always at the same time
+    of day, which the series' length decides. On those 189 days it is 02:15, so every forecast would
+    cover 02:20-06:15, a closed centre's zeros (MASE 0 for the naives). The set therefore starts as few
+    whole days later as put every forecast step inside opening hours: 2 days, so 2003-04-10 to 2003-10-13
+    (187 days), with forecasts made at 07:05 for 07:10-11:05, the morning rise. Which four hours are
+    scored is a property of the backtest's fixed daily origin, not of the data; more origins a day would
+    score the whole day.
     """
     path = cache_dir / PREP_VERSION / "bank_calls.csv"
     if not path.is_file():
@@ -61,6 +70,7 @@ def bank_calls(cache_dir: Path = DEFAULT_CACHE) -> dict:
         known = np.flatnonzero(closed | days.isin(ts.normalize().unique()))  # [D'] open with data, or closed
         first, last = _longest_run(known, max_gap=0)  # the longest run of days without an unexplained one
         start, end = days[known[first]], days[known[last]] + pd.Timedelta(days=1)
+        start += pd.Timedelta(days=_days_to_open_origins((end - start).days, _BANK_HORIZON, _BANK_SEASON, _BANK_TEST))
         grid = pd.date_range(start, end, freq="5min", inclusive="left")  # [T] every 5 minutes of those days
         kept = calls[(calls.index >= start) & (calls.index < end)]
         if not kept.index.isin(grid).all():
@@ -70,9 +80,9 @@ def bank_calls(cache_dir: Path = DEFAULT_CACHE) -> dict:
         _write(pd.DataFrame({"DateTime": _iso(grid), "Calls": full.to_numpy()}), path)
     return _config(
         {"source": str(path), "timestamp_col": "DateTime", "target_col": "Calls", "freq": "5min"},
-        horizon=48,  # 4 hours
-        season=288,  # a day
-        test_fraction=0.1,
+        horizon=_BANK_HORIZON,
+        season=_BANK_SEASON,
+        test_fraction=_BANK_TEST,
     )
 
 
@@ -257,6 +267,8 @@ def suite_config(name: str, cache_dir: Path = DEFAULT_CACHE) -> FitConfig:
     return build_config(SUITE[name](Path(cache_dir)))
 
 
+_BANK_HORIZON, _BANK_SEASON, _BANK_TEST = 48, 288, 0.1  # 4 hours ahead, one origin a day, the last 10 %
+_BANK_OPEN_MINUTES = (7 * 60, 21 * 60)  # the first and last 5-minute interval of a day's opening hours start
 _US_HOLIDAYS_2003 = ["2003-05-26", "2003-07-04", "2003-09-01"]  # the federal holidays among bank_calls' absent days
 _NOX_CLOCK_SKIP = pd.Timestamp("2004-03-28 02:00")  # Central European summer time began: 02:00 -> 03:00
 _NOX_MAX_HOLE = 4  # hours; the longest hole inside a day the source's completeness rule leaves
@@ -266,6 +278,17 @@ _CLEMSON_FROM, _CLEMSON_TO = pd.Timestamp("2011-01-01", tz="UTC"), pd.Timestamp(
 
 def _config(data: dict, *, horizon: int, season: int, test_fraction: float) -> dict:
     return {"data": data, "model": {"horizon": horizon}, "eval": {"season": season, "test_fraction": test_fraction}}
+
+
+def _days_to_open_origins(days: int, horizon: int, season: int, test_fraction: float) -> int:
+    """Fewest whole days to drop from the start of a `days`-day 5-minute series so that the first backtest
+    origin's forecast steps (and so every origin's: they are `season` = one day apart) fall in opening hours."""
+    for skip in range(days):
+        origin = backtest_origins((days - skip) * season, test_fraction, season, horizon)[0]
+        minutes = (origin + np.arange(1, horizon + 1)) % season * 5  # [H] time of day of each forecast step
+        if ((minutes >= _BANK_OPEN_MINUTES[0]) & (minutes <= _BANK_OPEN_MINUTES[1])).all():
+            return skip
+    raise ValueError("bank_calls: no start puts the backtest's forecasts inside opening hours")
 
 
 def _longest_run(steps: np.ndarray, max_gap: int) -> tuple[int, int]:

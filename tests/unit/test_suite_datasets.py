@@ -11,13 +11,14 @@ import pytest
 
 from bench.datasets import SUITE, suite_config
 from training.data import load_dataset
+from training.evaluate import backtest_origins
 
 MIN_MS, HOUR_MS, DAY_MS = 60_000, 3_600_000, 86_400_000
 
 # name -> {series id: steps}, covariates, step (ms), interpolated steps, first and last step (UTC ISO),
 # and (horizon, season, test_fraction) as issue #12 sets them.
 EXPECTED = {
-    "bank_calls": ({"bank_calls": 54_432}, (), 5 * MIN_MS, 0, "2003-04-08T00:00", "2003-10-13T23:55", (48, 288, 0.1)),
+    "bank_calls": ({"bank_calls": 53_856}, (), 5 * MIN_MS, 0, "2003-04-10T00:00", "2003-10-13T23:55", (48, 288, 0.1)),
     "elecdemand": ({"elecdemand": 17_520}, (), 30 * MIN_MS, 0, "2014-01-01T00:00", "2014-12-31T23:30", (48, 48, 0.2)),
     "nyc_weather": (
         {"EWR": 8730, "JFK": 8730, "LGA": 8730},
@@ -86,7 +87,16 @@ def test_bank_calls_is_zero_exactly_when_the_centre_is_closed(cache):
     open_ = (t.day_of_week < 5) & (minute >= 7 * 60) & (minute <= 21 * 60) & ~holiday
     assert (s.values[~open_] == 0).all()
     assert (s.values[open_] > 0).all()  # the source's smallest count is 11
-    assert open_.sum() == (189 - 27 * 2 - 3) * 169  # weekdays less holidays, 07:00..21:00 every 5 minutes
+    assert open_.sum() == (187 - 26 * 2 - 2 - 3) * 169  # weekdays less holidays, 07:00..21:00 every 5 minutes
+
+
+def test_bank_calls_backtest_forecasts_fall_in_opening_hours(cache):
+    cfg = suite_config("bank_calls", cache)
+    (s,) = load_dataset(cfg.data).series
+    origins = backtest_origins(len(s), cfg.eval.test_fraction, cfg.eval.season, cfg.model.horizon)
+    ahead = s.timestamps_ms[origins[:, None] + np.arange(1, cfg.model.horizon + 1)]  # [N, H] epoch ms
+    minute = ahead % DAY_MS // MIN_MS
+    assert minute.min() == 7 * 60 + 10 and minute.max() == 11 * 60 + 5  # 07:10 .. 11:05
 
 
 def test_nox_rows_sit_at_the_hour_their_row_number_says(cache):
