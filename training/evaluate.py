@@ -16,13 +16,16 @@ Layout of one series of n steps (test_fraction 0.2, season s, horizon H):
 Metrics are pooled over every (series, origin, step ahead) point. MASE divides each series' absolute
 errors by that series' own in-sample seasonal-naive MAE (on its training part), so series on different
 scales count alike. Baselines are scored on the same origins: naive (last value), seasonal naive
-(lag = season) and, when every series has a week of history before its first origin, weekly seasonal
-naive (lag = 7 * season, for daily seasons that is a week).
+(lag = season), when every series has a week of history before its first origin, weekly seasonal
+naive (lag = 7 * season, for daily seasons that is a week), and the classical "mstl_ets" (MSTL + damped
+trend ETS fitted on each series' training part, `training.classical`), unless the caller turns it off.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +33,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from training.classical import ClassicalFit, fit_mstl_ets
+from training.seasonality import calendar_periods, covered_periods
+
 if TYPE_CHECKING:  # evaluate needs only numpy at run time; the dataset types are for annotations
     from training.data import Dataset, Series
+
+log = logging.getLogger(__name__)
 
 ForecastFn = Callable[["Series"], np.ndarray]  # series -> float [T, horizon, Q], row t made after step t
 
@@ -56,6 +64,13 @@ def backtest_origins(n: int, test_fraction: float, season: int, horizon: int) ->
         )
     # First origin: the step just before the test region; the last one still has `horizon` actuals.
     return np.arange(start - 1, n - horizon, season, dtype=np.int64)
+
+
+def classical_periods(dataset: Dataset, test_fraction: float) -> list[int]:
+    """Seasons (steps) for the classical baseline: a day and a week, where the shortest training part holds
+    three of them (hourly data: [24, 168]; daily data: [7]; four weeks of 5-minute data: [288, 2016])."""
+    train_length = min(holdout_start(len(s), test_fraction) for s in dataset.series)
+    return covered_periods(calendar_periods(dataset.freq_ms), train_length, min_cycles=3)
 
 
 def _ahead(origins: np.ndarray, horizon: int) -> np.ndarray:
@@ -146,12 +161,14 @@ class SeriesBacktest:
 @dataclass(frozen=True)
 class BacktestResult:
     metrics: dict[str, float]  # the model: mae, rmse, mape, smape, mase, pinball, coverage
-    baselines: dict[str, dict[str, float]]  # "naive", "seasonal_naive"[, "weekly_seasonal_naive"] -> metrics
+    # "naive", "seasonal_naive"[, "weekly_seasonal_naive"][, "mstl_ets"] -> metrics
+    baselines: dict[str, dict[str, float]]
     details: tuple[SeriesBacktest, ...]
     quantiles: tuple[float, ...]
     horizon: int
     season: int
     target: str
+    classical: tuple[ClassicalFit, ...] = ()  # the mstl_ets fit of each series, in `details` order; () if off
 
 
 def point_quantile(quantiles: Sequence[float]) -> float:
@@ -176,18 +193,26 @@ def backtest(
     horizon: int,
     season: int,
     test_fraction: float,
+    seasonal_periods: Sequence[int] = (),
+    classical: bool = True,
 ) -> BacktestResult:
-    """Score `forecast_fn` and the baselines on rolling origins in each series' test region."""
+    """Score `forecast_fn` and the baselines on rolling origins in each series' test region.
+
+    `seasonal_periods` (steps) are the seasons the classical baseline decomposes, e.g. (48, 336) for a day and
+    a week of half-hourly data; `classical=False` skips that baseline (its fit takes seconds per long series).
+    """
     quantiles = tuple(float(q) for q in quantiles)
     if not quantiles or any(not 0 < q < 1 for q in quantiles) or list(quantiles) != sorted(set(quantiles)):
         raise ValueError(f"quantiles must be strictly increasing values in (0, 1), got {list(quantiles)}")
     mid = point_index(quantiles)
     weekly = 7 * season
-    details, baseline_preds = [], {"naive": [], "seasonal_naive": [], "weekly_seasonal_naive": []}
+    details, fits = [], []
+    baseline_preds = {"naive": [], "seasonal_naive": [], "weekly_seasonal_naive": [], "mstl_ets": []}
     for s in dataset.series:
         n = len(s.values)
         origins = backtest_origins(n, test_fraction, season, horizon)
-        scale = insample_scale(s.values, holdout_start(n, test_fraction), season)
+        start = holdout_start(n, test_fraction)
+        scale = insample_scale(s.values, start, season)
         fc = np.asarray(forecast_fn(s))
         if fc.shape != (n, horizon, len(quantiles)):
             raise ValueError(
@@ -203,6 +228,22 @@ def backtest(
         baseline_preds["seasonal_naive"].append(seasonal_naive_forecast(s.values, origins, horizon, season))
         if origins[0] >= weekly - 1:
             baseline_preds["weekly_seasonal_naive"].append(seasonal_naive_forecast(s.values, origins, horizon, weekly))
+        if classical:
+            started = time.perf_counter()
+            try:
+                fit = fit_mstl_ets(s.values[:start], seasonal_periods)
+            except ValueError as exc:
+                raise ValueError(f"series {s.series_id!r}: {exc}") from exc
+            baseline_preds["mstl_ets"].append(fit.forecast(s.values, origins, horizon))
+            fits.append(fit)
+            log.info(
+                "mstl_ets: series %r, %s on %d training steps: fit %.2fs, fit and score %.2fs",
+                s.series_id,
+                fit.method,
+                start,
+                fit.seconds,
+                time.perf_counter() - started,
+            )
 
     # Pool all series: rows are (series, origin), each row carries its series' MASE scale.
     actual = np.concatenate([d.actual for d in details])  # [N_all, H]
@@ -225,6 +266,7 @@ def backtest(
         horizon=horizon,
         season=season,
         target=dataset.target,
+        classical=tuple(fits),
     )
 
 

@@ -16,7 +16,7 @@ import torch
 
 from training.config import FitConfig
 from training.data import Dataset, Series, load_dataset
-from training.evaluate import BacktestResult, backtest, holdout_start, plot_backtest
+from training.evaluate import BacktestResult, backtest, classical_periods, holdout_start, plot_backtest
 from training.export import example_inputs, export_model
 from training.model import Forecaster, ModelConfig
 from training.registry import Promotion, best_baseline, log_and_register, promote
@@ -133,6 +133,7 @@ def run_backtest(model: Forecaster, dataset: Dataset, cfg: FitConfig) -> Backtes
         horizon=model.config.horizon,
         season=cfg.eval.season,
         test_fraction=cfg.eval.test_fraction,
+        seasonal_periods=classical_periods(dataset, cfg.eval.test_fraction),
     )
 
 
@@ -183,6 +184,8 @@ def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True, 
         mlflow.log_metrics({f"backtest_{k}": v for k, v in bt.metrics.items()})
         for name, metrics in bt.baselines.items():
             mlflow.log_metrics({f"{name}_{k}": v for k, v in metrics.items()})
+        if bt.classical:  # decomposition + ETS fit over all series, seconds
+            mlflow.log_metric("mstl_ets_fit_seconds", sum(f.seconds for f in bt.classical))
         log.info(
             "backtest MASE %.4f; %s",
             bt.metrics["mase"],

@@ -43,8 +43,11 @@ def test_a_fit_logs_everything_to_one_run(mlflow_store, tmp_path):
     assert params["train.finetune_passes"] == "3"
     for key in ("mae", "rmse", "mape", "smape", "mase", "pinball", "coverage"):
         assert np.isfinite(metrics[f"backtest_{key}"])
-    for base in ("naive", "seasonal_naive", "weekly_seasonal_naive"):
+    for base in ("naive", "seasonal_naive", "weekly_seasonal_naive", "mstl_ets"):
         assert np.isfinite(metrics[f"{base}_mase"])
+    assert metrics["mstl_ets_fit_seconds"] > 0
+    # 36 training days of hourly data hold three days and three weeks: both seasons are decomposed.
+    assert [f.periods for f in outcome.backtest.classical] == [(24, 168)] * 2
     assert metrics["parity_step_x_T_vs_sequence"] < 1e-4
 
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}

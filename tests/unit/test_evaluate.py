@@ -11,6 +11,7 @@ from training.data import Dataset, Series
 from training.evaluate import (
     backtest,
     backtest_origins,
+    classical_periods,
     coverage,
     insample_scale,
     pinball_loss,
@@ -71,6 +72,12 @@ def test_origins_refuse_a_test_region_shorter_than_the_horizon():
         backtest_origins(20, 0.1, season=4, horizon=3)
 
 
+def test_classical_periods_are_a_day_and_a_week_that_every_training_part_holds_three_times():
+    # Hourly: a day is 24 steps, a week 168. Four weeks leave 538 training steps (>= 3 weeks), three only 404.
+    assert classical_periods(dataset(np.ones(4 * 168)), test_fraction=0.2) == [24, 168]
+    assert classical_periods(dataset(np.ones(4 * 168), np.ones(3 * 168)), test_fraction=0.2) == [24]
+
+
 def test_seasonal_naive_repeats_the_last_season_beyond_the_lag():
     values = np.arange(20.0)
     pred = seasonal_naive_forecast(values, np.array([10]), horizon=7, lag=3)
@@ -118,6 +125,7 @@ def test_backtest_metrics_on_a_toy_series():
         horizon=2,
         season=4,
         test_fraction=0.5,
+        classical=False,  # tested in test_classical.py; these numbers are worked out for the naives
     )
     np.testing.assert_array_equal(result.details[0].origins, [9, 13, 17])
     np.testing.assert_array_equal(result.details[0].actual, [[20, 21], [24, 25], [28, 29]])
@@ -151,7 +159,9 @@ def test_backtest_metrics_on_a_toy_series():
 def test_mase_scales_each_series_by_its_own_in_sample_error():
     a = 10.0 + np.arange(20)  # scale 4; naive errors 1, 2 at every origin
     b = np.concatenate([10.0 + 3 * np.arange(10), np.full(10, 40.0)])  # scale 12; naive errors 3, 3, then 0
-    result = backtest(dataset(a, b), trend_forecast, quantiles=QUANTILES, horizon=2, season=4, test_fraction=0.5)
+    result = backtest(
+        dataset(a, b), trend_forecast, quantiles=QUANTILES, horizon=2, season=4, test_fraction=0.5, classical=False
+    )
     naive = result.baselines["naive"]
     assert naive["mae"] == pytest.approx((9 + 6) / 12)
     # a: (1 + 2) / 4 per origin; b: (3 + 3) / 12 at its first origin. Pooled over 12 points = 1/6,
@@ -163,10 +173,12 @@ def test_a_perfect_forecast_scores_zero_and_the_baselines_do_not():
     t = np.arange(400)
     rng = np.random.default_rng(0)
     data = dataset(*(5 + np.sin(2 * np.pi * t / 4 + p) + 0.01 * t + rng.normal(0, 0.1, 400) for p in (0, 1)))
-    result = backtest(data, oracle(6), quantiles=QUANTILES, horizon=6, season=4, test_fraction=0.2)
+    result = backtest(
+        data, oracle(6), quantiles=QUANTILES, horizon=6, season=4, test_fraction=0.2, seasonal_periods=(4,)
+    )
     assert result.metrics["mae"] == 0 and result.metrics["mase"] == 0
     assert result.metrics["pinball"] == 0 and result.metrics["coverage"] == 1
-    assert set(result.baselines) == {"naive", "seasonal_naive", "weekly_seasonal_naive"}
+    assert set(result.baselines) == {"naive", "seasonal_naive", "weekly_seasonal_naive", "mstl_ets"}
     assert all(b["mae"] > 0.05 for b in result.baselines.values())
 
 
@@ -190,6 +202,7 @@ def test_plot_writes_a_png(tmp_path):
         horizon=2,
         season=4,
         test_fraction=0.5,
+        classical=False,
     )
     path = plot_backtest(result, tmp_path / "plots" / "backtest.png", max_origins=4)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
