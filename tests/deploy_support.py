@@ -82,6 +82,26 @@ def copy_sources(instruction: Instruction) -> tuple[list[str], str]:
     return words[:-1], words[-1]
 
 
+# --- requirements ------------------------------------------------------------------------------
+
+
+def requirement_lines(path: Path) -> list[str]:
+    """Requirement lines of a requirements file, comments dropped, `-r` includes followed."""
+    lines = []
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            lines += requirement_lines(path.parent / line[3:].strip())
+        elif line:
+            lines.append(line)
+    return lines
+
+
+def requirement_names(path: Path) -> list[str]:
+    """Project names (lower case) a requirements file asks for, includes followed."""
+    return [re.split(r"[=<>!~\[ ;]", line, maxsplit=1)[0].lower() for line in requirement_lines(path)]
+
+
 # --- .dockerignore ------------------------------------------------------------------------------
 
 

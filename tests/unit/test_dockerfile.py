@@ -11,21 +11,16 @@ import pytest
 
 from serving import protogen
 from serving.cli import config_from, parser
-from tests.deploy_support import ROOT, copy_sources, dockerfile_stages, dockerignored
+from tests.deploy_support import (
+    ROOT,
+    copy_sources,
+    dockerfile_stages,
+    dockerignored,
+    requirement_lines,
+    requirement_names,
+)
 
 STAGES = dockerfile_stages()
-
-
-def requirement_lines(path: Path) -> list[str]:
-    """Requirement lines of a requirements file, following `-r` includes."""
-    lines = []
-    for raw in path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line.startswith("-r "):
-            lines += requirement_lines(path.parent / line[3:].strip())
-        elif line:
-            lines.append(line)
-    return lines
 
 
 def constraints() -> dict[str, str]:
@@ -85,10 +80,7 @@ def test_serving_stage_installs_the_serving_requirements_only_and_they_have_no_t
     runs = " ".join(r.args for r in STAGES["serving"].all("RUN"))
     assert re.findall(r"-r (\S+)", runs) == ["/tmp/requirements/serving.txt"]
     assert "find_spec('torch')" in runs  # the build itself fails if torch got in
-    names = [
-        re.split(r"[=<>!~\[ ;]", line, maxsplit=1)[0].lower()
-        for line in requirement_lines(ROOT / "requirements/serving.txt")
-    ]
+    names = requirement_names(ROOT / "requirements/serving.txt")
     assert "onnxruntime-gpu" in names
     assert not [n for n in names if n.startswith("torch")]
 
