@@ -16,10 +16,10 @@ IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help install protos run train serve client test lint bench docker clean
+.PHONY: help install protos run train serve client test test-packaging lint bench docker clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(STAMP): requirements/*.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ client: install ## stream a CSV to a running server (CSV=path, default: a slice 
 
 test: install ## run the whole test suite (unit, integration, e2e)
 	$(PY) -m pytest -q tests
+
+test-packaging: install ## install the serving image's requirements into a fresh venv: no torch, and it serves (slow)
+	$(PY) -m pytest -q -m packaging --timeout=1800 tests/packaging
 
 lint: $(STAMP) ## ruff, and hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .
