@@ -35,7 +35,10 @@ def check(target: str, service: str = FORECAST_SERVICE, timeout_s: float = 3.0) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.healthcheck", description=__doc__.splitlines()[2])
+    p = argparse.ArgumentParser(
+        prog="python -m serving.healthcheck",
+        description="Exit 0 when the server's grpc.health.v1 service says SERVING, else 1 with the reason.",
+    )
     p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the gRPC server")
     p.add_argument("--service", default=FORECAST_SERVICE, help='service name to ask about ("" for the server)')
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")

@@ -244,6 +244,7 @@ def kserve_errors(doc: dict) -> list[str]:
 
 
 def test_inference_service_validates_against_the_kserve_crd_and_kubernetes_schemas():
+    assert sorted(KSERVE.parent.glob("*.y*ml")) == [KSERVE]  # nothing under deploy/kserve goes unchecked
     (doc,) = yaml_documents(KSERVE)
     assert (doc["apiVersion"], doc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     assert kserve_errors(doc) == []
