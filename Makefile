@@ -11,13 +11,15 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 METRICS_PORT ?= 9100
 DEVICE ?= auto
+IMAGE_PREFIX ?=
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help install protos run train serve client test lint bench docker clean
+.PHONY: help install protos run train serve client test test-packaging lint bench docker clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(STAMP): requirements/*.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,16 +48,20 @@ client: install ## stream a CSV to a running server (CSV=path, default: a slice 
 test: install ## run the whole test suite (unit, integration, e2e)
 	$(PY) -m pytest -q tests
 
-lint: $(STAMP) ## ruff
+test-packaging: install ## install the serving image's requirements into a fresh venv: no torch, and it serves (slow)
+	$(PY) -m pytest -q -m packaging --timeout=1800 tests/packaging
+
+lint: $(STAMP) ## ruff, and hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 
 bench: install ## run the benchmarks in bench/ and print their tables (JSON in bench/results/)
 	$(PY) -m bench
 
-docker: ## build the serving and training images
-	@if [ ! -f Dockerfile ]; then echo "make docker: the container images are not built yet (CONTRACT section 9, a later issue)"; exit 0; fi; \
-	docker build --target serving -t streamcast-serving . && docker build --target training -t streamcast-training .
+docker: ## build the serving (ONNX Runtime + CUDA, no torch) and training images
+	docker build --target serving -t $(IMAGE_PREFIX)streamcast-serving:$(IMAGE_TAG) .
+	docker build --target training -t $(IMAGE_PREFIX)streamcast-training:$(IMAGE_TAG) .
 
 clean: ## remove the venv, generated stubs, local MLflow store and caches
 	rm -rf $(VENV) serving/_proto .pytest_cache .ruff_cache mlruns mlartifacts artifacts bench/results
