@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
-    _, _, model_cfg = prepare(cfg)
+    _, _, model_cfg, _ = prepare(cfg)
     model = Forecaster(model_cfg).eval()  # untrained: speed does not depend on the weights' values
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +80,8 @@ def main() -> None:
 
         def torch_step() -> None:
             with torch.no_grad():
-                model(t1["values"][:, None], t1["timestamps_ms"][:, None], None, t1["h"], t1.get("c"))
+                state = (t1[name] for name in model.config.state_names)
+                model(t1["values"][:, None], t1["timestamps_ms"][:, None], None, *state)
 
         t_torch = per_call(torch_step)
         t_ort1 = per_call(lambda: step.run(None, f1))

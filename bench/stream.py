@@ -48,11 +48,12 @@ def _identity(data: bytes) -> bytes:
 
 
 def default_model_dir() -> Path:
-    """The default config's network (LSTM, 2 layers, hidden 64, horizon 48), exported once.
+    """The default config's network (LSTM, 2 layers, hidden 64, horizon 48, lags of one day and one
+    week of half-hours: a 336-value lag buffer per series), exported once.
 
     Untrained weights run exactly as fast as trained ones; pass --model-uri to bench a real one.
     """
-    out = RESULTS / "default-model"
+    out = RESULTS / "default-model-lags"
     if not (out / "sequence.onnx").exists():
         import torch
 
@@ -60,7 +61,8 @@ def default_model_dir() -> Path:
         from training.model import Forecaster, ModelConfig
 
         torch.manual_seed(0)
-        export_model(Forecaster(ModelConfig()), out, metadata={"target": "Demand", "mlflow_run_id": "bench"})
+        model = Forecaster(ModelConfig(lags=(48, 336)))
+        export_model(model, out, metadata={"target": "Demand", "mlflow_run_id": "bench"})
     return out
 
 

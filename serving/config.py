@@ -19,9 +19,16 @@ class RuntimeConfig:
     device: str = "auto"  # auto: CUDA when really active, else CPU; cuda: fail unless CUDA runs
     intra_op_threads: int = 1  # threads inside one ORT call; inter-op is always 1
     cuda_device_id: int = 0
+    # Keep state as OrtValues between steps (serving.cuda_state): "auto" on CUDA only; "on" also on
+    # CPU, which runs the GPU code path without a GPU (tests); "off" never.
+    resident_state: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        _require(
+            self.resident_state in ("auto", "on", "off"),
+            f"resident_state must be auto, on or off, got {self.resident_state!r}",
+        )
         _require(self.intra_op_threads >= 0, "intra_op_threads must be >= 0 (0 lets ORT choose)")
         _require(self.cuda_device_id >= 0, "cuda_device_id must be >= 0")
 

@@ -1,13 +1,17 @@
-"""Keep recurrent state on the GPU between steps with ONNX Runtime IOBinding (CUDA only).
+"""Keep recurrent state on the device between steps with ONNX Runtime IOBinding.
 
 The host StateArena stays the source of truth for which series owns which row. On CUDA the
-state produced by a step (`h_out`, `c_out`, [L, B, H]) is kept as device OrtValues together with
-the rows (and their epochs) it belongs to. When the next batch has exactly those rows in that
-order -- the steady case of a client streaming the same set of series message after message --
-the device values are bound directly as the next `h`/`c`: no host round trip for the state.
-When the composition changes, the resident state is first written back to the arena (only rows
-whose epoch is unchanged, so freed series are not resurrected) and the new batch is gathered
-from host memory as usual.
+state produced by a step (every `X_out` of the graph's state tensors) is kept as device OrtValues
+together with the rows (and their epochs) it belongs to. When the next batch has exactly those
+rows in that order -- the steady case of a client streaming the same set of series message after
+message -- the device values are bound directly as the next state inputs: no host round trip for
+the state. When the composition changes, the resident state is first written back to the arena
+(only rows whose epoch is unchanged, so freed series are not resurrected) and the new batch is
+gathered from host memory as usual.
+
+The same code runs with `device="cpu"` (CPU OrtValues, RuntimeConfig.resident_state "on"), which
+is how the tests exercise this path on machines without a GPU: the only difference left on a GPU
+is the execution provider itself.
 
 Forecasts are bound to host memory because they go to the client anyway.
 All calls come from the model's single executor thread.
@@ -34,13 +38,20 @@ class _Resident:
 
 class DeviceResidentStepper:
     def __init__(
-        self, session: ort.InferenceSession, state_names: Sequence[str], has_cov: bool, device_id: int
+        self,
+        session: ort.InferenceSession,
+        state_names: Sequence[str],
+        has_cov: bool,
+        device_id: int,
+        device: str = "cuda",
     ) -> None:
         self._session = session
         self._state_names = tuple(state_names)
         self._has_cov = has_cov
         self._device_id = device_id
+        self._device = device  # "cuda", or "cpu" to run this path without a GPU
         self._resident: _Resident | None = None
+        self.reused = 0  # steps whose state inputs were the resident values (no host round trip)
 
     def step(
         self,
@@ -55,11 +66,13 @@ class DeviceResidentStepper:
         res = self._resident
         if res is not None and np.array_equal(res.rows, rows) and np.array_equal(res.epochs, epochs):
             state_inputs = res.values
+            self.reused += 1
         else:
             self.flush(arena)
             host_states, _ = arena.gather(rows)
             state_inputs = [
-                ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(s), "cuda", self._device_id) for s in host_states
+                ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(s), self._device, self._device_id)
+                for s in host_states
             ]
         binding = self._session.io_binding()
         binding.bind_cpu_input("values", np.ascontiguousarray(values))
@@ -70,7 +83,7 @@ class DeviceResidentStepper:
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("forecast", "cpu")
         for name in self._state_names:
-            binding.bind_output(f"{name}_out", "cuda", self._device_id)
+            binding.bind_output(f"{name}_out", self._device, self._device_id)
         self._session.run_with_iobinding(binding)
         forecast, *new_states = binding.get_outputs()
         self._resident = _Resident(rows.copy(), np.array(epochs, copy=True), new_states)

@@ -130,9 +130,10 @@ class OrtModel:
         self.provider = self.step_session.get_providers()[0]
         self._state_out = [f"{name}_out" for name in spec.state_names]
         self._device: DeviceResidentStepper | None = None
-        if self.provider == CUDA:
+        on_cuda = self.provider == CUDA
+        if cfg.resident_state == "on" or (cfg.resident_state == "auto" and on_cuda):
             self._device = DeviceResidentStepper(
-                self.step_session, spec.state_names, self.step_has_cov, cfg.cuda_device_id
+                self.step_session, spec.state_names, self.step_has_cov, cfg.cuda_device_id, "cuda" if on_cuda else "cpu"
             )
 
     def step(

@@ -129,12 +129,21 @@ class StateArena:
             for dst, src, axis in zip(self.states, states, self._axes):
                 dst[_at(axis, rows)] = src
 
-    def record_steps(self, rows: np.ndarray, timestamps_ms: np.ndarray, now: float) -> np.ndarray:
-        """Advance the rows' bookkeeping after a step; returns steps_seen [B] after it."""
-        self.steps_seen[rows] += 1
-        self.last_ts[rows] = timestamps_ms
-        self.last_used[rows] = now
-        return self.steps_seen[rows]
+    def record_steps(self, rows: np.ndarray, epochs: np.ndarray, timestamps_ms: np.ndarray, now: float) -> np.ndarray:
+        """Advance the bookkeeping of the rows still owned by the series that stepped (epoch
+        unchanged, as in `scatter`: a row freed, or freed and handed to a new series, while the step
+        ran is left alone); returns steps_seen [B] after it (0 for the rows left alone)."""
+        keep = self.epoch[rows] == epochs
+        if keep.all():
+            self.steps_seen[rows] += 1
+            self.last_ts[rows] = timestamps_ms
+            self.last_used[rows] = now
+            return self.steps_seen[rows]
+        live = rows[keep]
+        self.steps_seen[live] += 1
+        self.last_ts[live] = timestamps_ms[keep]
+        self.last_used[live] = now
+        return np.where(keep, self.steps_seen[rows], 0)
 
     def idle_rows(self, now: float, idle_timeout_s: float) -> np.ndarray:
         """Live rows not stepped for idle_timeout_s seconds."""

@@ -137,7 +137,7 @@ class StepProcessor:
             forecast = await pending
         if self._observe is not None:
             self._observe(len(rows), time.perf_counter() - started)
-        steps = arena.record_steps(rows, ts, time.monotonic())
+        steps = arena.record_steps(rows, epochs, ts, time.monotonic())
         batch = StepBatch(
             series_ids=list(_chain(c.series_ids for c in chunks)),
             timestamps_ms=ts,

@@ -348,7 +348,8 @@ class Forecaster(nn.Module):
         raw = self.head(hidden).unflatten(-1, shape)
         if cfg.lags:
             ref = reference if cfg.members == 1 else reference.unsqueeze(-3)  # (..., [1,] horizon, R)
-            base = (torch.softmax(raw[..., q:], dim=-1) * ref).sum(dim=-1, keepdim=True)
+            # contiguous() first, as for softplus below: softmax on the strided view measured ~4x slower.
+            base = (torch.softmax(raw[..., q:].contiguous(), dim=-1) * ref).sum(dim=-1, keepdim=True)
         else:
             base = reference
             for _ in shape:

@@ -79,9 +79,11 @@ def test_fit_on_unseen_csv_beats_seasonal_naive_and_registers(tmp_path):
     assert summary["model_uri"] == "models:/loadcast/1"
     for key in ("mae", "rmse", "mape", "smape", "mase", "coverage", "pinball"):
         assert np.isfinite(summary["metrics"][key]), key
-    assert {"naive", "seasonal_naive", "weekly_seasonal_naive"} <= set(summary["baselines"])
-    assert summary["metrics"]["mase"] < summary["baselines"]["seasonal_naive"]["mase"]
-    assert summary["promotion"]["promoted"] is True  # first version: no production yet
+    assert {"naive", "seasonal_naive", "weekly_seasonal_naive", "mstl_ets"} <= set(summary["baselines"])
+    best = min(m["mase"] for m in summary["baselines"].values())
+    assert summary["metrics"]["mase"] < best  # it beats every baseline...
+    assert summary["promotion"]["promoted"] is True  # ...so the first version becomes production
+    assert summary["training"]["stop_reason"] in ("patience", "max_epochs", "budget")
 
     import mlflow
 
@@ -99,12 +101,32 @@ def test_fit_on_unseen_csv_beats_seasonal_naive_and_registers(tmp_path):
         "fit", "--config", str(cfg), "--set", "train.max_epochs=1", "--set", "train.lr=0.0001",
         "--summary", str(tmp_path / "worse.json"), "--no-progress", cwd=tmp_path,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 3, proc.stderr[-3000:]  # the gate said no, as `promote` would
     worse = json.loads((tmp_path / "worse.json").read_text())
     assert worse["version"] == "2" and worse["promotion"]["promoted"] is False
     assert "does not beat" in worse["promotion"]["reason"]
     assert client.get_run(worse["run_id"]).data.params["train.max_epochs"] == "1"
     assert str(client.get_model_version_by_alias("loadcast", "production").version) == "1"
+
+
+def test_a_model_that_does_not_beat_the_baselines_by_the_margin_is_never_promoted(tmp_path):
+    csv = write_hourly_csv(tmp_path / "loads.csv", days=40)
+    cfg = write_config(tmp_path / "loads.yaml", csv)
+    # No model beats the best baseline's MASE by 99%: the first version stays a candidate.
+    proc = run_cli("fit", "--config", str(cfg), "--set", "gate.margin=0.99", "--set", "train.max_epochs=1",
+                   "--no-progress", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert "does not beat the best baseline" in line and "stays 'candidate'" in line
+    # `make run`'s first step: it trains (no production yet), the gate refuses, it stops with exit 3.
+    proc = run_cli("ensure-production", "--config", str(cfg), "--set", "gate.margin=0.99",
+                   "--set", "train.max_epochs=1", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 3 and "does not beat the best baseline" in proc.stdout
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert "production" not in mlflow.MlflowClient().get_registered_model("loadcast").aliases
 
 
 def test_a_one_hour_hole_is_refused_with_its_time(tmp_path):

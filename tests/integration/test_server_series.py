@@ -136,3 +136,54 @@ def test_a_step_queued_for_series_freed_meanwhile_never_touches_their_rows(tiny_
     state, new = asyncio.run(main())
     assert all(not s.any() for s in state)  # the new series still hold zero state
     assert arena.steps_seen[new].tolist() == [0, 0]
+
+
+def test_bookkeeping_is_not_written_into_rows_handed_to_new_series_during_the_ort_call(tiny_model_dir):
+    """A stream goes away while its batch is inside ONNX Runtime, and its rows go to new series
+    before the call returns: the new series must start with no step counted and no previous
+    timestamp (else their first observation could be refused as out of order). The step function
+    blocks until the rows were freed and reallocated, so the race happens every time."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.config import RuntimeConfig
+    from serving.runtime import OrtModel
+    from serving.state import StateArena
+    from serving.stepper import INLINE_MAX_ROWS, StepChunk, StepProcessor
+
+    model_dir = tiny_model_dir()
+    ort_model = OrtModel(model_dir / "model.onnx", model_dir / "sequence.onnx", RuntimeConfig(device="cpu"))
+    arena = StateArena(ort_model.state, initial_capacity=128)
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking_step(rows, epochs, values, ts, cov):
+        entered.set()
+        assert release.wait(30), "the test never released the step"
+        return ort_model.step(arena, rows, epochs, values, ts, cov)
+
+    executor = ThreadPoolExecutor(1)
+    process = StepProcessor(blocking_step, arena, ort_model.spec, "1", executor, max_batch_size=1024)
+    n = INLINE_MAX_ROWS + 1  # a batch this large runs on the executor thread, off the event loop
+
+    async def main():
+        old = arena.alloc([("old", i) for i in range(n)], 0.0)
+        chunk = StepChunk(
+            index=np.arange(n), series_ids=[f"s{i}" for i in range(n)], rows=old.tolist(),
+            epochs=arena.epoch[old].tolist(), timestamps_ms=[START_MS + 5 * FREQ_MS] * n, values=[4.0] * n,
+            covariates=[()] * n,
+        )  # fmt: skip
+        running = asyncio.ensure_future(process([chunk]))
+        assert await asyncio.to_thread(entered.wait, 30)  # the ORT call is in flight...
+        arena.free(old)  # ...its stream goes away...
+        new = arena.alloc([("new", i) for i in range(n)], 0.0)  # ...and new series take the rows
+        assert sorted(new.tolist()) == sorted(old.tolist())
+        release.set()
+        await running
+        return new
+
+    new = asyncio.run(main())
+    executor.shutdown()
+    assert arena.steps_seen[new].tolist() == [0] * n
+    assert (arena.last_ts[new] == np.iinfo(np.int64).min).all()  # so any first timestamp is accepted
+    assert all(not s.any() for s in arena.gather(new)[0])  # and their state is still zero

@@ -77,7 +77,7 @@ def test_rows_gather_and_scatter_along_each_tensors_batch_axis():
 def test_idle_rows_and_bookkeeping():
     a = arena(tensors=(H,))
     rows = a.alloc(["a", "b"], now=100.0)
-    steps = a.record_steps(rows[1:], np.array([5_000], np.int64), now=200.0)
+    steps = a.record_steps(rows[1:], a.epoch[rows[1:]], np.array([5_000], np.int64), now=200.0)
     assert steps.tolist() == [1]
     assert a.idle_rows(now=250.0, idle_timeout_s=100.0).tolist() == [rows[0]]
     assert a.last_ts[rows[1]] == 5_000
