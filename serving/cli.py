@@ -8,7 +8,15 @@ import logging
 import os
 import sys
 
-from serving.config import DEVICES, BatchConfig, ModelSourceConfig, RuntimeConfig, ServerConfig, StateConfig
+from serving.config import (
+    DEVICES,
+    BatchConfig,
+    LimitsConfig,
+    ModelSourceConfig,
+    RuntimeConfig,
+    ServerConfig,
+    StateConfig,
+)
 from serving.logs import setup_logging
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -16,6 +24,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 def parser() -> argparse.ArgumentParser:
     d_server, d_batch, d_state, d_rt = ServerConfig(), BatchConfig(), StateConfig(), RuntimeConfig()
+    d_limits = LimitsConfig()
     p = argparse.ArgumentParser(prog="python -m serving", description="Streaming forecast gRPC server.")
     a = p.add_argument
     a(
@@ -81,6 +90,30 @@ def parser() -> argparse.ArgumentParser:
         default=d_server.max_receive_message_bytes,
         help="largest request message accepted; larger ones get RESOURCE_EXHAUSTED",
     )
+    a(
+        "--max-series-id-bytes",
+        type=int,
+        default=d_limits.max_series_id_bytes,
+        help="longest series id (UTF-8 bytes); longer ones get INVALID_ARGUMENT",
+    )
+    a(
+        "--max-series-per-stream",
+        type=int,
+        default=d_limits.max_series_per_stream,
+        help="live series one stream may hold; past it, new series get RESOURCE_EXHAUSTED",
+    )
+    a(
+        "--max-streams",
+        type=int,
+        default=d_limits.max_streams,
+        help="concurrent StreamForecast calls; past it, new streams get RESOURCE_EXHAUSTED",
+    )
+    a(
+        "--max-observations-per-request",
+        type=int,
+        default=d_limits.max_observations_per_request,
+        help="observations in one request (Forecast: summed over histories); more get RESOURCE_EXHAUSTED",
+    )
     a("--grace-s", type=float, default=d_server.grace_s, help="seconds in-flight RPCs get on SIGTERM")
     a("--log-level", default="INFO")
     a("--log-format", choices=("kv", "json"), default="kv")
@@ -106,6 +139,12 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> ServerConf
             max_series=args.max_series,
             idle_timeout_s=args.idle_timeout_s,
             initial_capacity=args.initial_state_rows,
+        ),
+        limits=LimitsConfig(
+            max_series_id_bytes=args.max_series_id_bytes,
+            max_series_per_stream=args.max_series_per_stream,
+            max_streams=args.max_streams,
+            max_observations_per_request=args.max_observations_per_request,
         ),
     )
 

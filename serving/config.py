@@ -62,6 +62,29 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds on what one client can ask for; past them a request gets a status naming the flag.
+
+    Defaults leave room for the largest real workloads (a stream of 100,000 series, a request of
+    100,000 observations is ~1.5-3 MB, under the 4 MiB message limit) while stopping one client
+    from taking the whole server: the live-series cap (StateConfig.max_series) is shared by all.
+    """
+
+    # Series ids are kept (as dict keys, in the response encoder's cache) for as long as their
+    # series live; 256 bytes fits any natural key (UUIDs, paths, tag sets) with room to spare.
+    max_series_id_bytes: int = 256
+    max_series_per_stream: int = 100_000  # live series one StreamForecast call may hold
+    max_streams: int = 10_000  # concurrent StreamForecast calls
+    max_observations_per_request: int = 100_000  # per StreamRequest; for Forecast, summed over histories
+
+    def __post_init__(self) -> None:
+        _require(self.max_series_id_bytes >= 1, "max_series_id_bytes must be >= 1")
+        _require(self.max_series_per_stream >= 1, "max_series_per_stream must be >= 1")
+        _require(self.max_streams >= 1, "max_streams must be >= 1")
+        _require(self.max_observations_per_request >= 1, "max_observations_per_request must be >= 1")
+
+
+@dataclass(frozen=True)
 class ModelSourceConfig:
     """Where the model comes from and how often its registry alias is checked."""
 
@@ -88,6 +111,7 @@ class ServerConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")

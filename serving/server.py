@@ -41,7 +41,7 @@ class ForecastServer:
             observe_batch=self.metrics.observe_batch, on_change=self._model_changed,
             on_refused=lambda version: self.metrics.refused.inc(),
         )  # fmt: skip
-        self.plane = DataPlane(self.models, config.state, self.metrics)
+        self.plane = DataPlane(self.models, config.state, self.metrics, config.limits)
         self.servicer = ForecasterServicer(self.plane, self.metrics)
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(

@@ -3,7 +3,7 @@
 import pytest
 
 from serving.cli import config_from, parser
-from serving.config import BatchConfig, RuntimeConfig, ServerConfig, StateConfig
+from serving.config import BatchConfig, LimitsConfig, RuntimeConfig, ServerConfig, StateConfig
 from serving.model_store import ModelRef
 
 
@@ -39,3 +39,27 @@ def test_model_uris(tmp_path):
         ModelRef.parse("models:/forecaster")
     with pytest.raises(ValueError, match="neither models:/"):
         ModelRef.parse(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: LimitsConfig(max_series_id_bytes=0), "max_series_id_bytes must be >= 1"),
+        (lambda: LimitsConfig(max_streams=0), "max_streams must be >= 1"),
+    ],
+)
+def test_bad_limits_are_refused(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_limit_flags_become_the_config():
+    defaults = config_from(parser().parse_args([]), {})
+    assert defaults.limits == LimitsConfig(
+        max_series_id_bytes=256, max_series_per_stream=100_000, max_streams=10_000, max_observations_per_request=100_000
+    )
+    args = parser().parse_args(
+        ["--max-series-id-bytes", "64", "--max-series-per-stream", "7", "--max-streams", "8",
+         "--max-observations-per-request", "9"]
+    )  # fmt: skip
+    assert config_from(args, {}).limits == LimitsConfig(64, 7, 8, 9)
