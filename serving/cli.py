@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 
 from serving.config import (
     DEVICES,
@@ -14,6 +15,7 @@ from serving.config import (
     LimitsConfig,
     ModelSourceConfig,
     RuntimeConfig,
+    SecurityConfig,
     ServerConfig,
     StateConfig,
 )
@@ -44,13 +46,28 @@ def parser() -> argparse.ArgumentParser:
         default=ModelSourceConfig().watch_interval_s,
         help="seconds between checks of the registry alias; 0 disables",
     )
-    a("--host", default=d_server.host)
+    a("--host", default=d_server.host, help="gRPC address to bind (default: loopback only)")
     a("--port", type=int, default=d_server.port, help="gRPC port; 0 picks a free one")
     a(
         "--metrics-port",
         type=int,
         default=d_server.metrics_port,
         help="Prometheus port; 0 picks a free one, -1 disables",
+    )
+    a("--metrics-host", default=None, help="address the metrics endpoint binds (default: the same as --host)")
+    a("--tls-cert", type=Path, default=None, help="server certificate chain (PEM); with --tls-key: serve TLS")
+    a("--tls-key", type=Path, default=None, help="the server certificate's private key (PEM, unencrypted)")
+    a(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="CA bundle (PEM): require client certificates that chain to it (mutual TLS)",
+    )
+    a(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help="require 'authorization: Bearer TOKEN' on every RPC but health; one token a line, # comments",
     )
     a(
         "--device",
@@ -125,6 +142,7 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> ServerConf
         host=args.host,
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_host=args.metrics_host,
         max_receive_message_bytes=args.max_message_bytes,
         grace_s=args.grace_s,
         source=ModelSourceConfig(
@@ -145,6 +163,12 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> ServerConf
             max_series_per_stream=args.max_series_per_stream,
             max_streams=args.max_streams,
             max_observations_per_request=args.max_observations_per_request,
+        ),
+        security=SecurityConfig(
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            auth_token_file=args.auth_token_file,
         ),
     )
 

@@ -40,6 +40,10 @@ class LimitExceeded(CapacityExceeded):
         self.limit = limit
 
 
+class Unauthenticated(ServingError):
+    """No valid bearer token. One fixed message: it never says which part was missing or wrong."""
+
+
 class UnknownModel(ServingError):
     """The request names a model this server does not serve."""
 
@@ -64,12 +68,17 @@ class DeviceUnavailable(ServingError):
     """The requested execution device (e.g. CUDA) is not really usable."""
 
 
+class CredentialsError(ServingError):
+    """TLS or token files that cannot be used (unreadable, empty, not PEM, key not the cert's)."""
+
+
 _GRPC_CODES: dict[type[ServingError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnknownModel: grpc.StatusCode.NOT_FOUND,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     StatePreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 INTERNAL_MESSAGE = "internal server error (ref {ref}); the server log has the details"

@@ -117,6 +117,9 @@ class Metrics:
         )
         for limit in LIMITS:
             self.limit_refusals.labels(limit)
+        self.unauthenticated = Counter(
+            "forecast_unauthenticated", "RPCs refused for a missing or wrong bearer token", registry=r
+        )
         self.swaps = Counter("forecast_model_swaps", "Model versions installed after start-up", registry=r)
         self.refused = Counter("forecast_model_refused", "Model versions that failed to load or check", registry=r)
         self.model_info = Gauge(
