@@ -79,7 +79,7 @@ class DataPlane:
         session.close()
 
     def admit(self, obs: Observations) -> None:
-        """Per-request limits of a stream request, checked before any of it is queued."""
+        """Per-request checks of a stream request, before any of it is queued."""
         cap = self.limits.max_observations_per_request
         if len(obs) > cap:
             raise LimitExceeded(
@@ -87,7 +87,14 @@ class DataPlane:
                 f"the request has {len(obs)} observations and the limit is {cap} "
                 "(--max-observations-per-request); split it into several requests",
             )
-        validation.check_series_ids(obs.series_ids, self.limits.max_series_id_bytes)
+        validation.check_series_ids(obs.series_ids)
+
+    def admit_series(self, session: StreamSession, series_ids: Sequence[str], positions: Sequence[int]) -> None:
+        """Before a stream starts new series (distinct ids at these request positions): ids within
+        --max-series-id-bytes, and room for them. Only new series are checked: every other id of
+        a request is one of the stream's live series, checked when it started."""
+        validation.check_series_id_lengths(series_ids, self.limits.max_series_id_bytes, positions)
+        self.reserve(len(series_ids), validation.where(int(positions[0]), series_ids[0]), session)
 
     def reserve(self, n: int, where: str, session: StreamSession | None = None) -> None:
         """Room for n new series (in session, if given), or LimitExceeded: past the stream's

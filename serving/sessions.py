@@ -60,7 +60,7 @@ class StreamSession:
         series id, request and series limits).
         """
         self._plane.models.get(model_name)  # unknown model or none loaded yet: refuse up front
-        self._plane.admit(obs)  # request limits, series ids
+        self._plane.admit(obs)  # request limits, empty series ids
         retired: list[SeriesRef] = []  # rows to free once this request is answered
         if len(obs.series_ids) == 1:  # one observation per message: its own, shorter path
             try:
@@ -152,9 +152,8 @@ class StreamSession:
         now = time.monotonic()
         if fresh:
             current = self._plane.models.get()
-            at = validation.where(int(index[fresh[0]]), ids[fresh[0]])
-            self._plane.reserve(len(fresh), at, self)
             new_ids = [ids[k] for k in fresh]
+            self._plane.admit_series(self, new_ids, index[fresh])
             rows = current.arena.alloc([(self, sid) for sid in new_ids], now)
             for k, sid, row in zip(fresh, new_ids, rows.tolist()):
                 refs[k] = self._series[sid] = (current, row)
@@ -203,7 +202,7 @@ class StreamSession:
         now = time.monotonic()
         if ref is None:
             current = self._plane.models.get()
-            self._plane.reserve(1, validation.where(0, sid), self)
+            self._plane.admit_series(self, obs.series_ids, _POSITIONS[:1])
             ref = self._series[sid] = (current, int(current.arena.alloc([(self, sid)], now)[0]))
         model, row = ref
         arena = model.arena

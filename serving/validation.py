@@ -38,21 +38,25 @@ def _utf8_bytes(series_id: str) -> int:
     return len(series_id.encode("utf-8", "surrogatepass"))
 
 
-def check_series_ids(series_ids: Sequence[str], max_bytes: int) -> None:
-    """Every id non-empty and at most max_bytes long in UTF-8 (--max-series-id-bytes)."""
+def check_series_ids(series_ids: Sequence[str]) -> None:
     if "" in series_ids:
         raise InvalidInput(f"observation {list(series_ids).index('')}: series_id is empty")
+
+
+def check_series_id_lengths(series_ids: Sequence[str], max_bytes: int, positions: Sequence[int]) -> None:
+    """Every id at most max_bytes long in UTF-8 (--max-series-id-bytes); positions [n] are the
+    ids' indices in their request, for the message."""
     # A character takes 1-4 bytes in UTF-8, so the lengths in characters (one C-level pass)
     # settle the usual case without encoding anything.
-    longest = max(map(len, series_ids), default=0)
-    if longest * 4 <= max_bytes:
+    if max(map(len, series_ids), default=0) * 4 <= max_bytes:
         return
-    for i, sid in enumerate(series_ids):
-        if len(sid) * 4 > max_bytes and (len(sid) > max_bytes or not sid.isascii()):
-            check_series_id(sid, max_bytes, where(i, sid))
+    for i, sid in zip(positions, series_ids):
+        check_series_id(sid, max_bytes, where(int(i), sid))
 
 
 def check_series_id(series_id: str, max_bytes: int, at: str) -> None:
+    if len(series_id) * 4 <= max_bytes or (series_id.isascii() and len(series_id) <= max_bytes):
+        return  # no need to encode it
     size = _utf8_bytes(series_id)
     if size > max_bytes:
         raise SeriesIdTooLong(

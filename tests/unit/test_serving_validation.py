@@ -51,14 +51,14 @@ def test_covariates_count_and_finiteness():
 
 
 def test_empty_series_id():
-    validation.check_series_ids(["a", "b"], 256)
+    validation.check_series_ids(["a", "b"])
     with pytest.raises(InvalidInput, match="observation 1: series_id is empty"):
-        validation.check_series_ids(["a", "", "c"], 256)
+        validation.check_series_ids(["a", "", "c"])
 
 
 @pytest.mark.parametrize("ids", [["a" * 256], ["é" * 128], ["€" * 85, "b"], ["𝄞" * 64]])  # 256, 256, 255, 256 bytes
 def test_series_ids_up_to_the_limit_in_utf8_bytes_pass(ids):
-    validation.check_series_ids(ids, 256)
+    validation.check_series_id_lengths(ids, 256, range(len(ids)))
 
 
 @pytest.mark.parametrize(
@@ -72,9 +72,9 @@ def test_series_ids_up_to_the_limit_in_utf8_bytes_pass(ids):
 )
 def test_series_ids_over_the_limit_are_refused_naming_it(ids, index, size):
     with pytest.raises(SeriesIdTooLong) as err:
-        validation.check_series_ids(ids, 256)
+        validation.check_series_id_lengths(ids, 256, [10 + i for i in range(len(ids))])  # positions in the request
     message = str(err.value)
-    assert message.startswith(f"observation {index} (series {ids[index][:40]!r}... ({size} bytes)): ")
+    assert message.startswith(f"observation {10 + index} (series {ids[index][:40]!r}... ({size} bytes)): ")
     assert message.endswith(f"series_id is {size} bytes long (UTF-8); the limit is 256 bytes (--max-series-id-bytes)")
     assert isinstance(err.value, InvalidInput) and err.value.limit == "max_series_id_bytes"
 
