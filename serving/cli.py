@@ -7,8 +7,18 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 
-from serving.config import DEVICES, BatchConfig, ModelSourceConfig, RuntimeConfig, ServerConfig, StateConfig
+from serving.config import (
+    DEVICES,
+    BatchConfig,
+    LimitsConfig,
+    ModelSourceConfig,
+    RuntimeConfig,
+    SecurityConfig,
+    ServerConfig,
+    StateConfig,
+)
 from serving.logs import setup_logging
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -16,6 +26,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 def parser() -> argparse.ArgumentParser:
     d_server, d_batch, d_state, d_rt = ServerConfig(), BatchConfig(), StateConfig(), RuntimeConfig()
+    d_limits = LimitsConfig()
     p = argparse.ArgumentParser(prog="python -m serving", description="Streaming forecast gRPC server.")
     a = p.add_argument
     a(
@@ -35,13 +46,28 @@ def parser() -> argparse.ArgumentParser:
         default=ModelSourceConfig().watch_interval_s,
         help="seconds between checks of the registry alias; 0 disables",
     )
-    a("--host", default=d_server.host)
+    a("--host", default=d_server.host, help="gRPC address to bind (default: loopback only)")
     a("--port", type=int, default=d_server.port, help="gRPC port; 0 picks a free one")
     a(
         "--metrics-port",
         type=int,
         default=d_server.metrics_port,
         help="Prometheus port; 0 picks a free one, -1 disables",
+    )
+    a("--metrics-host", default=None, help="address the metrics endpoint binds (default: the same as --host)")
+    a("--tls-cert", type=Path, default=None, help="server certificate chain (PEM); with --tls-key: serve TLS")
+    a("--tls-key", type=Path, default=None, help="the server certificate's private key (PEM, unencrypted)")
+    a(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="CA bundle (PEM): require client certificates that chain to it (mutual TLS)",
+    )
+    a(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help="require 'authorization: Bearer TOKEN' on every RPC but health; one token a line, # comments",
     )
     a(
         "--device",
@@ -81,6 +107,30 @@ def parser() -> argparse.ArgumentParser:
         default=d_server.max_receive_message_bytes,
         help="largest request message accepted; larger ones get RESOURCE_EXHAUSTED",
     )
+    a(
+        "--max-series-id-bytes",
+        type=int,
+        default=d_limits.max_series_id_bytes,
+        help="longest series id (UTF-8 bytes); longer ones get INVALID_ARGUMENT",
+    )
+    a(
+        "--max-series-per-stream",
+        type=int,
+        default=d_limits.max_series_per_stream,
+        help="live series one stream may hold; past it, new series get RESOURCE_EXHAUSTED",
+    )
+    a(
+        "--max-streams",
+        type=int,
+        default=d_limits.max_streams,
+        help="concurrent StreamForecast calls; past it, new streams get RESOURCE_EXHAUSTED",
+    )
+    a(
+        "--max-observations-per-request",
+        type=int,
+        default=d_limits.max_observations_per_request,
+        help="observations in one request (Forecast: summed over histories); more get RESOURCE_EXHAUSTED",
+    )
     a("--grace-s", type=float, default=d_server.grace_s, help="seconds in-flight RPCs get on SIGTERM")
     a("--log-level", default="INFO")
     a("--log-format", choices=("kv", "json"), default="kv")
@@ -92,6 +142,7 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> ServerConf
         host=args.host,
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_host=args.metrics_host,
         max_receive_message_bytes=args.max_message_bytes,
         grace_s=args.grace_s,
         source=ModelSourceConfig(
@@ -106,6 +157,18 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> ServerConf
             max_series=args.max_series,
             idle_timeout_s=args.idle_timeout_s,
             initial_capacity=args.initial_state_rows,
+        ),
+        limits=LimitsConfig(
+            max_series_id_bytes=args.max_series_id_bytes,
+            max_series_per_stream=args.max_series_per_stream,
+            max_streams=args.max_streams,
+            max_observations_per_request=args.max_observations_per_request,
+        ),
+        security=SecurityConfig(
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            auth_token_file=args.auth_token_file,
         ),
     )
 

@@ -8,31 +8,41 @@ Library:
             ...  # one list of SeriesForecast per request, in request order
         client.forecast([history("a", timestamps, values)])
 
+    # TLS (server certificate checked against ca.pem), mutual TLS, a bearer token:
+    ForecastClient("10.0.0.5:50051", tls_ca="ca.pem", tls_cert="client.pem", tls_key="client.key", token="...")
+
 CLI:
     python -m serving.client stream --target HOST:PORT --csv FILE [--series-col C] [--timestamp-col C]
                                     [--value-col C] [--covariate-cols A,B] [--batch N]
     python -m serving.client stream --target HOST:PORT --demo     # a slice of the bundled elecdemand
     python -m serving.client forecast --target HOST:PORT (--csv FILE | --demo)
     python -m serving.client info --target HOST:PORT
+  each with, for a secured server: [--tls | --tls-ca PEM] [--tls-cert PEM --tls-key PEM]
+                                   [--tls-server-name NAME] [--token-file PATH | env FORECAST_TOKEN]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving.errors import CredentialsError
 from serving.proto import SERVICE_NAME, pb, pb_grpc
+from serving.security import read_tokens
 
 ELECDEMAND_START_MS = 1_388_534_400_000  # 2014-01-01 00:00, naive wall clock read as UTC (as training does)
 ELECDEMAND_FREQ_MS = 1_800_000  # 30 min
+TOKEN_ENV = "FORECAST_TOKEN"
 
 
 def observation(
@@ -56,12 +66,58 @@ def history(
     return pb.SeriesHistory(series_id=series_id, timestamps_ms=timestamps_ms, values=values, covariates=covariates)
 
 
+def _pem(path: str | Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CredentialsError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from exc
+
+
+def channel_credentials(
+    tls_ca: str | Path | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials: the server's certificate is checked against tls_ca (PEM; None: the system's
+    roots); tls_cert and tls_key (PEM) are this client's certificate for mutual TLS."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together (--tls-cert with --tls-key)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(tls_ca, "--tls-ca"),
+        private_key=_pem(tls_key, "--tls-key"),
+        certificate_chain=_pem(tls_cert, "--tls-cert"),
+    )
+
+
 class ForecastClient:
-    def __init__(self, target: str, timeout_s: float | None = 30.0, max_message_bytes: int = 64 << 20) -> None:
-        self._channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", max_message_bytes)])
+    """A forecast.v1 client; TLS when `tls`, `tls_ca` or `tls_cert` is given, and `token` is
+    sent as `authorization: Bearer TOKEN` on every call."""
+
+    def __init__(
+        self,
+        target: str,
+        timeout_s: float | None = 30.0,
+        max_message_bytes: int = 64 << 20,
+        *,
+        tls: bool = False,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        options = [("grpc.max_receive_message_length", max_message_bytes)]
+        if tls or tls_ca is not None or tls_cert is not None:
+            if tls_server_name:  # the name the server's certificate must carry, if not the target's host
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.ForecasterStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def __enter__(self) -> ForecastClient:
         return self
@@ -75,28 +131,30 @@ class ForecastClient:
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Block until the server's health check says SERVING for the forecast service."""
         deadline = time.monotonic() + timeout_s
+        last = "no answer"
         while True:
             try:
                 status = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return
-            except grpc.RpcError:
-                pass
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as exc:  # not up yet, or (TLS, CA, certificate) not reachable at all
+                last = f"{exc.code().name}: {exc.details()}"
             if time.monotonic() > deadline:
-                raise TimeoutError(f"server not SERVING after {timeout_s} s")
+                raise TimeoutError(f"server not SERVING after {timeout_s} s (last: {last})")
             time.sleep(0.1)
 
     def info(self) -> pb.ModelInfo:
-        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout)
+        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout, metadata=self._metadata)
 
     def forecast(self, histories: Iterable[pb.SeriesHistory]) -> list[pb.SeriesForecast]:
         request = pb.ForecastRequest(series=list(histories))
-        return list(self._stub.Forecast(request, timeout=self._timeout).forecasts)
+        return list(self._stub.Forecast(request, timeout=self._timeout, metadata=self._metadata).forecasts)
 
     def stream(self, batches: Iterable[Sequence[pb.Observation]]) -> Iterator[list[pb.SeriesForecast]]:
         """One StreamForecast call: each batch is one request; yields each answer's forecasts."""
         requests = (pb.StreamRequest(observations=list(b)) for b in batches)
-        for response in self._stub.StreamForecast(requests):
+        for response in self._stub.StreamForecast(requests, metadata=self._metadata):
             yield list(response.forecasts)
 
 
@@ -197,9 +255,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help="observations per stream message")
     p.add_argument("--start", type=int, default=0, help="--demo: first row")
     p.add_argument("--limit", type=int, default=48 * 7, help="--demo: rows to replay (default one week)")
+    p.add_argument("--tls", action="store_true", help="use TLS, checking the server against the system's CAs")
+    p.add_argument("--tls-ca", default=None, help="use TLS, checking the server's certificate against this CA (PEM)")
+    p.add_argument("--tls-cert", default=None, help="this client's certificate (PEM), for mutual TLS")
+    p.add_argument("--tls-key", default=None, help="this client's private key (PEM), for mutual TLS")
+    p.add_argument("--tls-server-name", default=None, help="name the server's certificate must carry")
+    p.add_argument("--token-file", default=None, help=f"bearer token: the file's first token (default: ${TOKEN_ENV})")
     args = p.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    try:
+        token = read_tokens(Path(args.token_file), "--token-file")[0] if args.token_file else os.environ.get(TOKEN_ENV)
+        client = ForecastClient(
+            args.target, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name, token=token,
+        )  # fmt: skip
+    except CredentialsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
-    with ForecastClient(args.target) as client:
+    with client:
         try:
             client.wait_ready(timeout_s=30)
             info = client.info()
@@ -233,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {count} forecasts from {info.name} v{info.version} in {seconds:.2f} s", file=sys.stderr)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        except TimeoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 1
     return 0
 

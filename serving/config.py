@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -69,6 +70,57 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds on what one client can ask for; past them a request gets a status naming the flag.
+
+    Defaults leave room for the largest real workloads (a stream of 100,000 series; a request of
+    100,000 observations with 12-character ids is 2.7 MiB, under the 4 MiB message limit) while
+    stopping one client from taking the whole server: the live-series cap
+    (StateConfig.max_series) is shared by all.
+    """
+
+    # Series ids are kept (as dict keys, in the response encoder's cache) for as long as their
+    # series live; 256 bytes fits any natural key (UUIDs, paths, tag sets) with room to spare.
+    max_series_id_bytes: int = 256
+    max_series_per_stream: int = 100_000  # live series one StreamForecast call may hold
+    max_streams: int = 10_000  # concurrent StreamForecast calls
+    max_observations_per_request: int = 100_000  # per StreamRequest; for Forecast, summed over histories
+
+    def __post_init__(self) -> None:
+        _require(self.max_series_id_bytes >= 1, "max_series_id_bytes must be >= 1")
+        _require(self.max_series_per_stream >= 1, "max_series_per_stream must be >= 1")
+        _require(self.max_streams >= 1, "max_streams must be >= 1")
+        _require(self.max_observations_per_request >= 1, "max_observations_per_request must be >= 1")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """TLS from PEM files and bearer tokens; the files are read at start-up (serving.security)."""
+
+    tls_cert: Path | None = None  # server certificate chain (PEM); with tls_key: serve TLS
+    tls_key: Path | None = None  # its private key (PEM)
+    tls_client_ca: Path | None = None  # CA bundle (PEM) client certificates must chain to: mutual TLS
+    auth_token_file: Path | None = None  # one token a line: every RPC but health needs one of them
+
+    def __post_init__(self) -> None:
+        _require(
+            (self.tls_cert is None) == (self.tls_key is None),
+            "tls_cert and tls_key go together: give both --tls-cert and --tls-key, or neither",
+        )
+        _require(
+            self.tls_client_ca is None or self.tls_cert is not None,
+            "tls_client_ca (--tls-client-ca) needs TLS: give --tls-cert and --tls-key as well",
+        )
+
+    @property
+    def mode(self) -> str:
+        """plaintext, tls or mtls."""
+        if self.tls_cert is None:
+            return "plaintext"
+        return "mtls" if self.tls_client_ca is not None else "tls"
+
+
+@dataclass(frozen=True)
 class ModelSourceConfig:
     """Where the model comes from and how often its registry alias is checked."""
 
@@ -86,15 +138,20 @@ class ModelSourceConfig:
 class ServerConfig:
     """The whole server: transport, operations and the data plane's parts."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # loopback only unless asked: nothing is exposed by default
     port: int = 50051  # 0 picks a free port
     metrics_port: int | None = 9100  # 0 picks a free port; None disables the metrics endpoint
+    # The metrics endpoint is plain HTTP without tokens (Prometheus scrapes it), so it may need
+    # another interface than gRPC: e.g. gRPC on 0.0.0.0 behind TLS, metrics on an internal address.
+    metrics_host: str | None = None  # None: the same as host
     max_receive_message_bytes: int = 4 * 1024 * 1024  # larger messages get RESOURCE_EXHAUSTED
     grace_s: float = 10.0  # how long in-flight RPCs may finish after SIGTERM
     source: ModelSourceConfig = field(default_factory=ModelSourceConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
@@ -104,3 +161,9 @@ class ServerConfig:
         )
         _require(self.max_receive_message_bytes >= 1024, "max_receive_message_bytes must be >= 1024")
         _require(self.grace_s >= 0, "grace_s must be >= 0 seconds")
+        _require(bool(self.host), "host must not be empty")
+        _require(self.metrics_host is None or bool(self.metrics_host), "metrics_host must not be empty")
+
+    @property
+    def metrics_bind_host(self) -> str:
+        return self.host if self.metrics_host is None else self.metrics_host

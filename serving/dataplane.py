@@ -8,6 +8,10 @@ past the cap, series idle longer than the idle timeout are reclaimed first; if t
 enough the request is refused with RESOURCE_EXHAUSTED. Running series are never evicted to
 make room: a series silently restarted from zero state would give wrong forecasts, and the
 client could not tell.
+
+Per-client limits (`LimitsConfig`): concurrent streams, live series per stream, observations
+per request, series id length. Each is checked before anything of the request is queued, and
+refused with a message naming the limit, its flag and where in the request it was hit.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from serving import validation
-from serving.config import StateConfig
-from serving.domain import ForecastGroup, History, ModelDescription, StepBatch
-from serving.errors import CapacityExceeded
+from serving.config import LimitsConfig, StateConfig
+from serving.domain import ForecastGroup, History, ModelDescription, Observations, StepBatch
+from serving.errors import LimitExceeded
 from serving.metrics import Metrics
 from serving.model_store import ModelStore
 from serving.sessions import StreamSession
@@ -31,9 +35,12 @@ log = logging.getLogger(__name__)
 
 
 class DataPlane:
-    def __init__(self, models: ModelStore, state: StateConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, models: ModelStore, state: StateConfig, metrics: Metrics | None = None, limits: LimitsConfig | None = None
+    ) -> None:
         self.models = models
         self._state = state
+        self.limits = limits or LimitsConfig()
         self._metrics = metrics
         self._sessions: set[StreamSession] = set()
         if metrics is not None:
@@ -55,6 +62,14 @@ class DataPlane:
     # -- streams --------------------------------------------------------------------------------
 
     def open_stream(self) -> StreamSession:
+        """A new stream's session, or LimitExceeded past --max-streams."""
+        cap = self.limits.max_streams
+        if len(self._sessions) >= cap:
+            raise LimitExceeded(
+                "max_streams",
+                f"cannot open another stream: {len(self._sessions)} streams are open and the limit is {cap} "
+                "(--max-streams); send many series over one stream instead of a stream per series",
+            )
         session = StreamSession(self)
         self._sessions.add(session)
         return session
@@ -63,17 +78,44 @@ class DataPlane:
         self._sessions.discard(session)
         session.close()
 
-    def reserve(self, n: int, where: str) -> None:
-        """Room for n new series, or CapacityExceeded (after reclaiming idle series)."""
+    def admit(self, obs: Observations) -> None:
+        """Per-request checks of a stream request, before any of it is queued."""
+        cap = self.limits.max_observations_per_request
+        if len(obs) > cap:
+            raise LimitExceeded(
+                "max_observations_per_request",
+                f"the request has {len(obs)} observations and the limit is {cap} "
+                "(--max-observations-per-request); split it into several requests",
+            )
+        validation.check_series_ids(obs.series_ids)
+
+    def admit_series(self, session: StreamSession, series_ids: Sequence[str], positions: Sequence[int]) -> None:
+        """Before a stream starts new series (distinct ids at these request positions): ids within
+        --max-series-id-bytes, and room for them. Only new series are checked: every other id of
+        a request is one of the stream's live series, checked when it started."""
+        validation.check_series_id_lengths(series_ids, self.limits.max_series_id_bytes, positions)
+        self.reserve(len(series_ids), validation.where(int(positions[0]), series_ids[0]), session)
+
+    def reserve(self, n: int, where: str, session: StreamSession | None = None) -> None:
+        """Room for n new series (in session, if given), or LimitExceeded: past the stream's
+        --max-series-per-stream, or past --max-series after reclaiming idle series."""
+        if session is not None and session.live + n > self.limits.max_series_per_stream:
+            raise LimitExceeded(
+                "max_series_per_stream",
+                f"{where}: cannot start {n} new series in this stream: it has {session.live} live series and "
+                f"the limit is {self.limits.max_series_per_stream} (--max-series-per-stream); end finished "
+                "series with end=true or spread them over more streams",
+            )
         cap = self._state.max_series
         if self.live_series + n <= cap:
             return
         self.sweep_idle(time.monotonic())
         live = self.live_series
         if live + n > cap:
-            raise CapacityExceeded(
+            raise LimitExceeded(
+                "max_series",
                 f"{where}: cannot start {n} new series: {live} series are live and the cap is {cap} "
-                "(--max-series); end finished series with end=true or close idle streams"
+                "(--max-series); end finished series with end=true or close idle streams",
             )
 
     def sweep_idle(self, now: float) -> int:
@@ -112,9 +154,16 @@ class DataPlane:
         model = self.models.get(model_name)
         spec = model.spec
         c = spec.num_covariates
+        observations, cap = sum(len(h.values) for h in histories), self.limits.max_observations_per_request
+        if observations > cap:
+            raise LimitExceeded(
+                "max_observations_per_request",
+                f"the request has {observations} observations in {len(histories)} histories and the limit is "
+                f"{cap} (--max-observations-per-request); split it into several requests",
+            )
         by_length: dict[int, list[int]] = {}
         for i, h in enumerate(histories):
-            validation.check_history(h, i, c)
+            validation.check_history(h, i, c, self.limits.max_series_id_bytes)
             by_length.setdefault(len(h.values), []).append(i)
 
         groups = []

@@ -13,13 +13,35 @@ import grpc
 class ServingError(Exception):
     """Base class: the message is safe to show to a client."""
 
+    # The configured limit this refusal enforces (the `limit` label of
+    # forecast_limit_refusals_total), or None for errors that are not about a limit.
+    limit: str | None = None
+
 
 class InvalidInput(ServingError):
     """A request the client can fix: NaN, empty series id, timestamps going back, wrong shapes."""
 
 
+class SeriesIdTooLong(InvalidInput):
+    """A series id longer than --max-series-id-bytes (UTF-8 bytes)."""
+
+    limit = "max_series_id_bytes"
+
+
 class CapacityExceeded(ServingError):
     """A configured bound was reached (live-series cap, message size)."""
+
+
+class LimitExceeded(CapacityExceeded):
+    """A configured limit refused the request; `limit` names it (as the flag, without dashes)."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class Unauthenticated(ServingError):
+    """No valid bearer token. One fixed message: it never says which part was missing or wrong."""
 
 
 class UnknownModel(ServingError):
@@ -46,12 +68,17 @@ class DeviceUnavailable(ServingError):
     """The requested execution device (e.g. CUDA) is not really usable."""
 
 
+class CredentialsError(ServingError):
+    """TLS or token files that cannot be used (unreadable, empty, not PEM, key not the cert's)."""
+
+
 _GRPC_CODES: dict[type[ServingError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnknownModel: grpc.StatusCode.NOT_FOUND,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     StatePreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 INTERNAL_MESSAGE = "internal server error (ref {ref}); the server log has the details"

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# The `limit` labels of forecast_limit_refusals_total (ServingError.limit: the flag without its
+# dashes), exposed at 0 from the start so an alert can watch each one.
+LIMITS = ("max_series", "max_series_per_stream", "max_streams", "max_observations_per_request", "max_series_id_bytes")
 
 
 class LoopCounter:
@@ -109,6 +112,14 @@ class Metrics:
         self.batch_size = Histogram("forecast_batch_size", "Rows per step ORT call", buckets=sizes, registry=r)
         self.ort_seconds = Histogram("forecast_ort_step_seconds", "Seconds per step ORT call", buckets=lat, registry=r)
         self.expired = Counter("forecast_series_expired", "Series freed by the idle timeout", registry=r)
+        self.limit_refusals = Counter(
+            "forecast_limit_refusals", "Requests refused by a configured limit", ["limit"], registry=r
+        )
+        for limit in LIMITS:
+            self.limit_refusals.labels(limit)
+        self.unauthenticated = Counter(
+            "forecast_unauthenticated", "RPCs refused for a missing or wrong bearer token", registry=r
+        )
         self.swaps = Counter("forecast_model_swaps", "Model versions installed after start-up", registry=r)
         self.refused = Counter("forecast_model_refused", "Model versions that failed to load or check", registry=r)
         self.model_info = Gauge(

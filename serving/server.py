@@ -1,4 +1,4 @@
-"""Assemble and run the gRPC server: forecast.v1, health, reflection, metrics, draining.
+"""Assemble and run the gRPC server: forecast.v1, health, reflection, metrics, security, draining.
 
 `create_server(config)` returns `(server, port)` with the port bound and RPCs accepted at once
 (health NOT_SERVING); the model loads in the background and `await server.ready()` waits for it.
@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 
@@ -22,6 +23,7 @@ from serving.errors import ServingError
 from serving.metrics import Metrics
 from serving.model_store import LoadedModel, ModelStore
 from serving.proto import SERVICE_NAME
+from serving.security import TokenAuthInterceptor, TokenChecker, read_tokens, server_credentials
 from serving.servicer import ForecasterServicer, forecaster_handler
 
 log = logging.getLogger(__name__)
@@ -34,22 +36,32 @@ class ForecastServer:
     """One running server: gRPC transport, data plane, model store, background tasks."""
 
     def __init__(self, config: ServerConfig) -> None:
+        """Raises CredentialsError when the TLS or token files cannot be used."""
         self.config = config
         self.metrics = Metrics()
+        # Read the security files first: a server asked for TLS or tokens must not start without.
+        self.credentials = server_credentials(config.security)
+        interceptors = []
+        self.tokens = 0
+        if config.security.auth_token_file is not None:
+            checker = TokenChecker(read_tokens(config.security.auth_token_file))
+            self.tokens = len(checker)
+            interceptors.append(TokenAuthInterceptor(checker, on_refused=self.metrics.unauthenticated.inc))
         self.models = ModelStore(
             config.source, config.runtime, config.batch, config.state,
             observe_batch=self.metrics.observe_batch, on_change=self._model_changed,
             on_refused=lambda version: self.metrics.refused.inc(),
         )  # fmt: skip
-        self.plane = DataPlane(self.models, config.state, self.metrics)
+        self.plane = DataPlane(self.models, config.state, self.metrics, config.limits)
         self.servicer = ForecasterServicer(self.plane, self.metrics)
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
-            ]
+            ],
         )
         self.grpc.add_generic_rpc_handlers((forecaster_handler(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -75,12 +87,17 @@ class ForecastServer:
         """
         cfg = self.config
         if cfg.metrics_port is not None:
+            host = cfg.metrics_bind_host
             try:
-                self._metrics_http, self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+                self._metrics_http, self.metrics_port = self.metrics.serve(host, cfg.metrics_port)
             except OSError as exc:
-                raise OSError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from exc
+                raise OSError(f"cannot serve metrics on {host}:{cfg.metrics_port}: {exc}") from exc
+        address = f"{cfg.host}:{cfg.port}"
         try:
-            self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            if self.credentials is None:
+                self.port = self.grpc.add_insecure_port(address)
+            else:
+                self.port = self.grpc.add_secure_port(address, self.credentials)
         except RuntimeError as exc:  # grpc reports a taken port this way
             self.port = 0
             cause = exc
@@ -115,6 +132,11 @@ class ForecastServer:
             self.config.source.watch_interval_s if self.models.watching else 0,
         )  # fmt: skip
 
+    @property
+    def security_summary(self) -> str:
+        """The transport and token mode, for the start-up line: `security=plaintext|tls|mtls tokens=on|off`."""
+        return f"security={self.config.security.mode} tokens={'on' if self.tokens else 'off'}"
+
     async def ready(self) -> None:
         """Wait until the model is loaded and warmed up; raises what loading raised."""
         assert self._loading is not None, "start() first"
@@ -134,6 +156,24 @@ class ForecastServer:
         self._stop_metrics()
 
 
+def _how_to_connect(config: ServerConfig, port: int, tokens: bool) -> str:
+    """For the person at the terminal: the client command line that reaches this server."""
+    sec = config.security
+    flags = ["--tls-ca SERVER_CA.pem"] if sec.tls_cert else []
+    flags += ["--tls-cert CLIENT.pem --tls-key CLIENT.key"] if sec.tls_client_ca else []
+    flags += ["--token-file TOKEN_FILE"] if tokens else []
+    command = f"python -m serving.client stream --target {config.host}:{port} --demo"
+    command += f" {' '.join(flags)}" if flags else "   (or: make client)"
+    return f"Serving forecasts on {config.host}:{port}. Stream to it with:\n  {command}\nCtrl-C stops it."
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 async def create_server(config: ServerConfig) -> tuple[ForecastServer, int]:
     """Build and start a server; returns it and its bound port (config.port 0 picks one)."""
     server = ForecastServer(config)
@@ -149,7 +189,7 @@ async def serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         server, port = await create_server(config)
-    except OSError as exc:
+    except (OSError, ServingError) as exc:  # a port taken, unusable TLS or token files
         log.error("event=startup_failed error=%r", str(exc))
         return 1
     stopping = loop.create_task(stop.wait())
@@ -162,14 +202,19 @@ async def serve(config: ServerConfig) -> int:
         await server.stop(0)
         return 1
     if not stop.is_set():
-        metrics = "off" if server.metrics_port is None else f"http://{config.host}:{server.metrics_port}/metrics"
-        log.info('event=listening msg="listening on %s:%d" metrics=%s', config.host, port, metrics)
-        print(  # for the person at the terminal (logs go to stderr)
-            f"Serving forecasts on {config.host}:{port}. Stream to it with:\n"
-            f"  python -m serving.client stream --target {config.host}:{port} --demo   (or: make client)\n"
-            "Ctrl-C stops it.",
-            flush=True,
+        metrics = (
+            "off" if server.metrics_port is None else f"http://{config.metrics_bind_host}:{server.metrics_port}/metrics"
         )
+        log.info(
+            'event=listening msg="listening on %s:%d" %s metrics=%s',
+            config.host, port, server.security_summary, metrics,
+        )  # fmt: skip
+        if server.tokens and server.credentials is None and not _is_loopback(config.host):
+            log.warning(
+                "event=insecure_tokens host=%s msg=%r", config.host,
+                "bearer tokens over plaintext on a non-loopback address travel in the clear; serve TLS",
+            )  # fmt: skip
+        print(_how_to_connect(config, port, server.tokens > 0), flush=True)  # logs go to stderr
         await stop.wait()
     ready.cancel()
     log.info("event=draining grace_s=%s", config.grace_s)

@@ -18,7 +18,7 @@ import numpy as np
 
 from serving.dataplane import DataPlane
 from serving.domain import History, Observations
-from serving.errors import grpc_status
+from serving.errors import ServingError, grpc_status
 from serving.metrics import Metrics
 from serving.proto import SERVICE_NAME, pb
 from serving.sessions import StreamSession
@@ -73,6 +73,8 @@ class ForecasterServicer:
             log.error("event=rpc_failed rpc=%s ref=%s error=%r", rpc, ref, str(exc), exc_info=exc)
         else:
             log.info("event=rpc_refused rpc=%s code=%s message=%r", rpc, code.name, message)
+        if isinstance(exc, ServingError) and exc.limit is not None:
+            self._metrics.limit_refusals.labels(exc.limit).inc()
         self._metrics.requests.labels(rpc, code.name).inc()
         await context.abort(code, message)
 
@@ -98,7 +100,10 @@ class ForecasterServicer:
         parsed and its steps queued while the current one runs in ORT and the previous answer is
         encoded (the session keeps each series' steps in order).
         """
-        session = self._plane.open_stream()
+        try:
+            session = self._plane.open_stream()
+        except Exception as exc:  # --max-streams
+            await self._abort(context, "StreamForecast", exc)
         handler = asyncio.current_task()
         incoming = aiter(requests)
         inflight: asyncio.Queue | None = None  # set once the stream reads ahead

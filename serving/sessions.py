@@ -56,11 +56,11 @@ class StreamSession:
         cover every request position once (or the first error of the request).
 
         Requests are applied in the order they are submitted, each after the previous one.
-        Raises right away for problems found before anything is queued (unknown model, empty
-        series id, live-series cap).
+        Raises right away for problems found before anything is queued (unknown model, bad
+        series id, request and series limits).
         """
         self._plane.models.get(model_name)  # unknown model or none loaded yet: refuse up front
-        validation.check_series_ids(obs.series_ids)
+        self._plane.admit(obs)  # request limits, empty series ids
         retired: list[SeriesRef] = []  # rows to free once this request is answered
         if len(obs.series_ids) == 1:  # one observation per message: its own, shorter path
             try:
@@ -152,9 +152,8 @@ class StreamSession:
         now = time.monotonic()
         if fresh:
             current = self._plane.models.get()
-            at = validation.where(int(index[fresh[0]]), ids[fresh[0]])
-            self._plane.reserve(len(fresh), at)
             new_ids = [ids[k] for k in fresh]
+            self._plane.admit_series(self, new_ids, index[fresh])
             rows = current.arena.alloc([(self, sid) for sid in new_ids], now)
             for k, sid, row in zip(fresh, new_ids, rows.tolist()):
                 refs[k] = self._series[sid] = (current, row)
@@ -203,7 +202,7 @@ class StreamSession:
         now = time.monotonic()
         if ref is None:
             current = self._plane.models.get()
-            self._plane.reserve(1, validation.where(0, sid))
+            self._plane.admit_series(self, obs.series_ids, _POSITIONS[:1])
             ref = self._series[sid] = (current, int(current.arena.alloc([(self, sid)], now)[0]))
         model, row = ref
         arena = model.arena

@@ -14,20 +14,54 @@ from typing import Any
 import numpy as np
 
 from serving.domain import History
-from serving.errors import InvalidInput
+from serving.errors import InvalidInput, SeriesIdTooLong
+
+SHOWN_ID_CHARS = 40  # a series id quoted in a message is cut to this many characters
+
+
+def shown(series_id: str) -> str:
+    """A series id for a message: quoted, and cut short (with its size) when it is long."""
+    if len(series_id) <= SHOWN_ID_CHARS:
+        return repr(series_id)
+    return f"{series_id[:SHOWN_ID_CHARS]!r}... ({len(series_id.encode('utf-8', 'surrogatepass'))} bytes)"
 
 
 def where(index: int, series_id: str, what: str = "observation") -> str:
-    return f"{what} {index} (series {series_id!r})"
+    return f"{what} {index} (series {shown(series_id)})"
 
 
 def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _utf8_bytes(series_id: str) -> int:
+    return len(series_id.encode("utf-8", "surrogatepass"))
+
+
 def check_series_ids(series_ids: Sequence[str]) -> None:
     if "" in series_ids:
         raise InvalidInput(f"observation {list(series_ids).index('')}: series_id is empty")
+
+
+def check_series_id_lengths(series_ids: Sequence[str], max_bytes: int, positions: Sequence[int]) -> None:
+    """Every id at most max_bytes long in UTF-8 (--max-series-id-bytes); positions [n] are the
+    ids' indices in their request, for the message."""
+    # A character takes 1-4 bytes in UTF-8, so the lengths in characters (one C-level pass)
+    # settle the usual case without encoding anything.
+    if max(map(len, series_ids), default=0) * 4 <= max_bytes:
+        return
+    for i, sid in zip(positions, series_ids):
+        check_series_id(sid, max_bytes, where(int(i), sid))
+
+
+def check_series_id(series_id: str, max_bytes: int, at: str) -> None:
+    if len(series_id) * 4 <= max_bytes or (series_id.isascii() and len(series_id) <= max_bytes):
+        return  # no need to encode it
+    size = _utf8_bytes(series_id)
+    if size > max_bytes:
+        raise SeriesIdTooLong(
+            f"{at}: series_id is {size} bytes long (UTF-8); the limit is {max_bytes} bytes (--max-series-id-bytes)"
+        )
 
 
 def check_batch(
@@ -80,11 +114,13 @@ def check_batch(
     return errors
 
 
-def check_history(h: History, index: int, num_covariates: int) -> None:
-    """One unary history: non-empty, aligned lengths, finite, increasing timestamps."""
+def check_history(h: History, index: int, num_covariates: int, max_id_bytes: int) -> None:
+    """One unary history: a series id of at most max_id_bytes, non-empty, aligned lengths,
+    finite, increasing timestamps."""
     at = where(index, h.series_id, "series")
     if not h.series_id:
         raise InvalidInput(f"series {index}: series_id is empty")
+    check_series_id(h.series_id, max_id_bytes, at)
     t = len(h.values)
     if t == 0:
         raise InvalidInput(f"{at}: no values; a history needs at least one observation")

@@ -24,12 +24,21 @@ from functools import lru_cache
 
 import numpy as np
 
+from serving.bounded_cache import ByteBoundedCache
 from serving.domain import ForecastGroup, StepBatch
 
 _SHIFTS = (np.arange(10, dtype=np.uint64) * np.uint64(7))[None, :]  # a varint has <= 10 digits
 _DIGIT = np.arange(10)[None, :]
 _THRESHOLDS = np.array([1 << (7 * k) for k in range(1, 10)], np.uint64)  # 2^7 .. 2^63
-_CACHE_LIMIT = 1 << 16  # distinct observation times remembered per (freq, horizon)
+# The encoder's caches are keyed by what clients send (series ids, observation times) and
+# outlive the streams that filled them, so each is bounded by bytes (serving.bounded_cache), not
+# by entries (65,536 entries of 256-byte ids held ~40 MB). Series-id fields: an entry is charged
+# ~2 x the id's length + 150 bytes (188 for 20 characters, 661 for 256), so 8 MiB keeps the ids
+# of ~44,000 series of 20 characters, ~12,000 of the longest; a miss only costs encoding the id
+# again (under a microsecond). Timing fields: ~6 bytes per horizon step + 140 (427 for 48
+# steps), so 8 MiB keeps ~19,000 distinct observation times, over a year of half-hourly steps.
+HEADS_BUDGET_BYTES = 8 << 20
+TIMING_BUDGET_BYTES = 8 << 20
 _CACHE_KEY = "forecast.v1"  # our entry in StepBatch.encoded
 PARTS_PER_ROW = 7
 
@@ -104,28 +113,49 @@ def _paths_layout(horizon: int, quantiles: tuple[float, ...]) -> tuple[np.ndarra
     return np.frombuffer(b"".join(pieces), np.uint8), spans
 
 
+def _series_id_field(series_id: str) -> bytes:
+    """SeriesForecast.series_id (field 1): tag, length, UTF-8 bytes."""
+    sid_b = series_id.encode()
+    return b"\x0a" + _varint_of(len(sid_b)) + sid_b
+
+
 class ForecastEncoder:
     """Encodes forecasts to wire bytes; remembers the encoded timestamps of recent steps."""
 
-    def __init__(self) -> None:
-        self._timing: dict[tuple[int, int], dict[int, bytes]] = {}
-        self._heads: dict[str, bytes] = {}
+    def __init__(
+        self, heads_budget_bytes: int = HEADS_BUDGET_BYTES, timing_budget_bytes: int = TIMING_BUDGET_BYTES
+    ) -> None:
+        # One timing cache per (freq_ms, horizon): those come from the model versions loaded, not
+        # from clients, so there are only ever a few.
+        self._timing: dict[tuple[int, int], ByteBoundedCache[int, bytes]] = {}
+        self._timing_budget = timing_budget_bytes
+        self._heads: ByteBoundedCache[str, bytes] = ByteBoundedCache(heads_budget_bytes)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes charged to the encoder's caches now (series-id fields and timing fields)."""
+        return self._heads.nbytes + sum(c.nbytes for c in self._timing.values())
 
     def _timing_fields(self, ts: list[int], freq_ms: int, horizon: int) -> list[bytes]:
         """Per row: the encoded timestamp_ms and forecast_timestamps_ms fields."""
-        cache = self._timing.setdefault((freq_ms, horizon), {})
-        found = [cache.get(t) for t in ts]
+        cache = self._timing.get((freq_ms, horizon))
+        if cache is None:
+            cache = self._timing[(freq_ms, horizon)] = ByteBoundedCache(self._timing_budget)
+        recent = cache.recent
+        found = [recent.get(t) for t in ts]
         if None in found:
             missing = sorted({t for t, f in zip(ts, found) if f is None})
             ahead = np.array(missing, np.int64)[:, None] + np.int64(freq_ms) * np.arange(1, horizon + 1)
             data, count = varints(ahead.ravel())  # [k * horizon] values
             ends = np.cumsum(count.reshape(len(missing), horizon).sum(axis=1)).tolist()
             raw = data.tobytes()
-            if len(cache) + len(missing) > _CACHE_LIMIT:
-                cache.clear()
-            for t, start, end in zip(missing, [0, *ends[:-1]], ends):
-                cache[t] = b"".join((b"\x10", varint(t), b"\x1a", _varint_of(end - start), raw[start:end]))
-            found = [cache[t] for t in ts]
+            fields = {
+                t: b"".join((b"\x10", varint(t), b"\x1a", _varint_of(end - start), raw[start:end]))
+                for t, start, end in zip(missing, [0, *ends[:-1]], ends)
+            }
+            for t in missing:  # through the cache's own path: it may move entries between generations
+                cache.get_or_make(t, fields.__getitem__)
+            found = [f if f is not None else fields[t] for t, f in zip(ts, found)]
         return found
 
     def encode(
@@ -165,14 +195,13 @@ class ForecastEncoder:
         version = model_version.encode()
         tail = b"\x32" + _varint_of(len(version)) + version + b"\x38"  # model_version, steps_seen tag
         base = width + len(tail)
-        v, heads, out = _varint_of, self._heads, []
-        if len(heads) + n > _CACHE_LIMIT:
-            heads.clear()
+        v, cache, out = _varint_of, self._heads, []
+        heads = cache.recent
         for i, (sid, time_fields, steps) in enumerate(zip(series_ids, timing, steps_seen.tolist())):
             head = heads.get(sid)  # series_id field; a stream sends the same ids again and again
             if head is None:
-                sid_b = sid.encode()
-                head = heads[sid] = b"\x0a" + v(len(sid_b)) + sid_b
+                head = cache.get_or_make(sid, _series_id_field)
+                heads = cache.recent  # a new generation may have started
             steps_b = v(steps)
             size = base + len(head) + len(time_fields) + len(steps_b)
             out += (b"\x0a", v(size), head, time_fields, raw[i * width : (i + 1) * width], tail, steps_b)

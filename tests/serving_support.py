@@ -94,11 +94,15 @@ class RunningServer:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
 
-    def metric(self, name: str) -> float:
-        for line in self.metrics_text().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise KeyError(name)
+    def metric(self, name: str, **labels: str) -> float:
+        """The first sample called name (with these labels, when given)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        raise KeyError(f"{name} {labels}")
 
 
 def health_status(channel: grpc.Channel, service: str = "forecast.v1.Forecaster") -> int:

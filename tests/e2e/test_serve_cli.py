@@ -131,3 +131,41 @@ def test_a_directory_without_graphs_fails_clearly(tmp_path):
         server.wait_for_line(r"event=startup_failed .*needs model\.onnx with sequence\.onnx")
     finally:
         server.stop()
+
+
+def test_the_start_up_line_says_the_security_mode(model_dir, tmp_path):
+    from tests.tls_support import make_pki
+
+    pki = make_pki(tmp_path)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-1\n")
+    server = ServerProcess("--model-uri", str(model_dir), "--port", "0", "--metrics-port", "-1",
+                           "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                           "--tls-client-ca", str(pki.ca), "--auth-token-file", str(tokens))  # fmt: skip
+    try:
+        server.wait_for_line(r"listening on 127\.0\.0\.1:\d+\" security=mtls tokens=on metrics=off")
+        server.wait_for_line(r"python -m serving\.client stream .* --tls-ca SERVER_CA\.pem --tls-cert CLIENT\.pem")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("flags", "status", "message"),
+    [
+        (
+            ["--auth-token-file", "{tmp}/empty"],
+            1,
+            r"event=startup_failed .*--auth-token-file .*empty: no token in it",
+        ),
+        (["--tls-cert", "{tmp}/cert.pem"], 2, r"give both --tls-cert and --tls-key, or neither"),
+    ],
+)
+def test_unusable_security_settings_stop_the_start_clearly(model_dir, tmp_path, flags, status, message):
+    (tmp_path / "empty").write_text("# no tokens yet\n")
+    args = [f.format(tmp=tmp_path) for f in flags]
+    server = ServerProcess("--model-uri", str(model_dir), "--port", "0", "--metrics-port", "-1", *args)
+    try:
+        assert server.proc.wait(60) == status
+        server.wait_for_line(message)
+    finally:
+        server.stop()

@@ -1,9 +1,11 @@
 """Config dataclasses refuse bad values at construction, saying what to write instead."""
 
+from pathlib import Path
+
 import pytest
 
 from serving.cli import config_from, parser
-from serving.config import BatchConfig, RuntimeConfig, ServerConfig, StateConfig
+from serving.config import BatchConfig, LimitsConfig, RuntimeConfig, SecurityConfig, ServerConfig, StateConfig
 from serving.model_store import ModelRef
 
 
@@ -39,3 +41,37 @@ def test_model_uris(tmp_path):
         ModelRef.parse("models:/forecaster")
     with pytest.raises(ValueError, match="neither models:/"):
         ModelRef.parse(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: LimitsConfig(max_series_id_bytes=0), "max_series_id_bytes must be >= 1"),
+        (lambda: LimitsConfig(max_streams=0), "max_streams must be >= 1"),
+        (lambda: SecurityConfig(tls_cert=Path("c.pem")), "give both --tls-cert and --tls-key"),
+        (lambda: SecurityConfig(tls_key=Path("k.pem")), "give both --tls-cert and --tls-key"),
+        (lambda: SecurityConfig(tls_client_ca=Path("ca.pem")), "--tls-client-ca\\) needs TLS"),
+    ],
+)
+def test_bad_limits_and_security_combinations_are_refused(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_limit_and_security_flags_become_the_config():
+    defaults = config_from(parser().parse_args([]), {})
+    assert defaults.host == "127.0.0.1" and defaults.metrics_bind_host == "127.0.0.1"
+    assert defaults.security.mode == "plaintext" and defaults.security.auth_token_file is None
+    assert defaults.limits == LimitsConfig(
+        max_series_id_bytes=256, max_series_per_stream=100_000, max_streams=10_000, max_observations_per_request=100_000
+    )
+    args = parser().parse_args(
+        ["--host", "0.0.0.0", "--metrics-host", "10.1.2.3", "--tls-cert", "s.pem", "--tls-key", "s.key",
+         "--tls-client-ca", "ca.pem", "--auth-token-file", "tokens", "--max-series-id-bytes", "64",
+         "--max-series-per-stream", "7", "--max-streams", "8", "--max-observations-per-request", "9"]
+    )  # fmt: skip
+    cfg = config_from(args, {})
+    assert cfg.metrics_bind_host == "10.1.2.3"
+    assert cfg.security == SecurityConfig(Path("s.pem"), Path("s.key"), Path("ca.pem"), Path("tokens"))
+    assert cfg.security.mode == "mtls"
+    assert cfg.limits == LimitsConfig(64, 7, 8, 9)

@@ -8,7 +8,7 @@ import pytest
 
 from serving import validation
 from serving.domain import History
-from serving.errors import InvalidInput
+from serving.errors import InvalidInput, SeriesIdTooLong
 
 
 def chunk(ids, positions=None):
@@ -56,6 +56,35 @@ def test_empty_series_id():
         validation.check_series_ids(["a", "", "c"])
 
 
+@pytest.mark.parametrize("ids", [["a" * 256], ["é" * 128], ["€" * 85, "b"], ["𝄞" * 64]])  # 256, 256, 255, 256 bytes
+def test_series_ids_up_to_the_limit_in_utf8_bytes_pass(ids):
+    validation.check_series_id_lengths(ids, 256, range(len(ids)))
+
+
+@pytest.mark.parametrize(
+    ("ids", "index", "size"),
+    [
+        (["a", "b" * 257], 1, 257),
+        (["é" * 129], 0, 258),  # 129 characters, 258 bytes
+        (["x", "y", "𝄞" * 65], 2, 260),  # 65 characters of 4 bytes
+        (["c" * 5000, "d" * 300], 0, 5000),  # the first one named
+    ],
+)
+def test_series_ids_over_the_limit_are_refused_naming_it(ids, index, size):
+    with pytest.raises(SeriesIdTooLong) as err:
+        validation.check_series_id_lengths(ids, 256, [10 + i for i in range(len(ids))])  # positions in the request
+    message = str(err.value)
+    assert message.startswith(f"observation {10 + index} (series {ids[index][:40]!r}... ({size} bytes)): ")
+    assert message.endswith(f"series_id is {size} bytes long (UTF-8); the limit is 256 bytes (--max-series-id-bytes)")
+    assert isinstance(err.value, InvalidInput) and err.value.limit == "max_series_id_bytes"
+
+
+def test_a_history_with_a_long_series_id_is_refused():
+    h = History("s" * 300, np.array([1], np.int64), np.array([1.0], np.float32), np.array([], np.float32))
+    with pytest.raises(SeriesIdTooLong, match=r"series 4 \(series 'sss.*\(300 bytes\)\): series_id is 300 bytes"):
+        validation.check_history(h, 4, 0, 256)
+
+
 def test_occurrence_waves_keep_request_order_per_series():
     assert validation.occurrence_waves(["a", "b", "c"]) is None
     assert validation.occurrence_waves(["a", "b", "a", "a", "c", "b"]) == [[0, 1, 4], [2, 5], [3]]
@@ -83,4 +112,4 @@ def history(values, ts=None, cov=()):
 )
 def test_bad_histories_are_named(h, c, message):
     with pytest.raises(InvalidInput, match=message):
-        validation.check_history(h, 3, c)
+        validation.check_history(h, 3, c, 256)

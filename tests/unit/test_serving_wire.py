@@ -1,5 +1,8 @@
 """The hand-rolled response encoding parses, with the protobuf runtime, to the intended messages."""
 
+import sys
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -82,3 +85,41 @@ def test_varints_match_the_scalar_encoder():
     data, count = varints(values)
     assert data.tobytes() == b"".join(varint(int(v)) for v in values)
     assert count.tolist() == [len(varint(int(v))) for v in values]
+
+
+def test_the_encoder_keeps_within_its_byte_budgets_whatever_ids_and_times_clients_send():
+    """Series ids and observation times come from clients: 20,000 distinct 256-byte ids at 20,000
+    distinct times leave the encoder holding no more than its budgets (measured as the live
+    allocations of its caches, not only its own estimate), and it still encodes correctly."""
+    budget = 256 << 10
+    encoder = ForecastEncoder(heads_budget_bytes=budget, timing_budget_bytes=budget)
+    rng = np.random.default_rng(0)
+    tracemalloc.start()
+    try:
+        for b in range(40):
+            ids = [f"{b * 500 + i:09d}".ljust(256, "x") for i in range(500)]
+            batch = StepBatch(
+                series_ids=ids,
+                timestamps_ms=1_388_534_400_000 + 1_800_000 * np.arange(b * 500, (b + 1) * 500, dtype=np.int64),
+                forecast=rng.standard_normal((500, 48, 3)).astype(np.float32),
+                steps_seen=np.ones(500, np.int64),
+                model_version="1",
+                freq_ms=1_800_000,
+                quantiles=(0.1, 0.5, 0.9),
+                point_index=1,
+            )
+            response = pb.StreamResponse.FromString(encoder.encode_groups([ForecastGroup(np.arange(500), batch)], 500))
+            check(response.forecasts[499], ForecastGroup(np.arange(500), batch), 499)
+            assert encoder.cache_bytes <= 2 * budget
+        del batch, response  # the last batch keeps its own encoding
+        snapshot = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    held = snapshot.filter_traces(
+        [tracemalloc.Filter(True, "*/serving/wire.py"), tracemalloc.Filter(True, "*/serving/bounded_cache.py")]
+    )
+    # The ids' own str objects were made here, in the test: add what the cache keeps of them.
+    ids_kept = sum(sys.getsizeof(k) for k in encoder._heads.recent) + sum(
+        sys.getsizeof(k) for k in encoder._heads._older
+    )
+    assert sum(s.size for s in held.statistics("filename")) + ids_kept <= 2 * budget * 1.1
