@@ -60,7 +60,7 @@ def train_tiny(
     cfg = ModelConfig(
         cell=cell, hidden_size=16, num_layers=2, horizon=horizon, covariates=covariates, members=members, lags=lags
     )
-    train = TrainConfig(window=96, batch_size=32, max_epochs=epochs, seed=seed)
+    train = TrainConfig(window=96, stride=12, batch_size=32, max_epochs=epochs, seed=seed, min_epoch_steps=1)
     model, _ = train_forecaster(scaled_config(cfg, series), series, train, progress=False)
     return model
 

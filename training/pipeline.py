@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_WINDOW = 336  # steps per training window when the config leaves it unset and the data allows
 MIN_WINDOW = 48  # the shortest window chosen for short series
+DEFAULT_STRIDE = 12  # steps between training windows when the config leaves it unset and the data allows
+TARGET_WINDOWS = 256  # per series, at least, when the stride is chosen for short series
 
 
 @dataclass
@@ -108,7 +110,9 @@ def resolve(cfg: FitConfig, dataset: Dataset, train_parts: list[Series]) -> FitC
     - ``model.lags``: one day and one week in steps of the data's frequency, those the shortest
       training series covers three times over (training.seasonality);
     - ``train.window``: 336 steps, or half of what the shortest training series leaves after its
-      validation share and one horizon, when that is less (at least MIN_WINDOW)."""
+      validation share and one horizon, when that is less (at least MIN_WINDOW);
+    - ``train.stride``: 12 steps, or less on short series, so that each has about TARGET_WINDOWS
+      training windows (at least 1)."""
     shortest = min(len(s.values) for s in train_parts)
     model, train = cfg.model, cfg.train
     if model.lags is None:
@@ -120,6 +124,11 @@ def resolve(cfg: FitConfig, dataset: Dataset, train_parts: list[Series]) -> FitC
         window = max(MIN_WINDOW, min(DEFAULT_WINDOW, room // 2))
         train = replace(train, window=window)
         log.info("train.window unset: %d steps", window)
+    if train.stride is None:
+        room = shortest - math.ceil(train.val_fraction * shortest) - model.horizon - train.window
+        stride = min(DEFAULT_STRIDE, max(1, room // TARGET_WINDOWS))
+        train = replace(train, stride=stride)
+        log.info("train.stride unset: %d steps", stride)
     if train.burn_in >= train.window:
         raise TrainingError(f"train.burn_in ({train.burn_in}) must be shorter than train.window ({train.window})")
     return replace(cfg, model=model, train=train)

@@ -61,18 +61,23 @@ class TrainConfig:
     patience: int = 5  # epochs without validation improvement before stopping
     seed: int = 0
     val_fraction: float = 0.1  # last share of each series' training part, for early stopping
-    stride: int = 12  # steps between consecutive window starts
+    # Steps between consecutive window starts; None: 12, or less on short series so that there are
+    # about 256 windows (resolved by the pipeline, see training.pipeline.resolve).
+    stride: int | None = None
     burn_in: int = 24  # first steps of a window that carry no loss
     # After early stopping: passes over the windows whose targets reach into the validation
     # stretch (the most recent data), at a constant learning rate; 0 passes disables it.
     finetune_passes: int = 3
     finetune_lr: float = 3e-4
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    # An epoch (the unit of validation, patience and the schedule) is one pass over the training
+    # windows, repeated until it makes at least this many optimizer steps: on short data one pass
+    # is a step or two, too little between two validations.
+    min_epoch_steps: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_epochs", "stride", "patience") + (
-            ("window",) if self.window is not None else ()
-        ):
+        optional = [key for key in ("window", "stride") if getattr(self, key) is not None]
+        for name in ("batch_size", "max_epochs", "patience", "min_epoch_steps", *optional):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.max_minutes > 0:
@@ -197,8 +202,8 @@ def _pack(model: Forecaster, series: Sequence, cfg: TrainConfig) -> tuple[_Windo
     origins inside it) and recent windows (laid out like train windows, targets reaching into
     the validation split: the fine-tuning data), over the same packed arrays."""
     horizon, w = model.config.horizon, cfg.window
-    if w is None:
-        raise ValueError("train.window is unresolved (None); training.pipeline.resolve sets it from the data")
+    if w is None or cfg.stride is None:
+        raise ValueError("train.window or train.stride is unresolved (None); training.pipeline.resolve sets them")
     parts_v, parts_t, parts_c, parts_y, parts_s = [], [], [], [], []
     train, val, recent = ([], [], []), ([], [], []), ([], [], [])
     offset = 0
@@ -397,7 +402,9 @@ def train_model(
     quantiles = torch.tensor(model.config.quantiles)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_w.starts) / cfg.batch_size)
+    # An epoch: one pass over the training windows, or more on short data (see min_epoch_steps).
+    passes_per_epoch = max(1, math.ceil(cfg.min_epoch_steps * cfg.batch_size / len(train_w.starts)))
+    steps_per_epoch = math.ceil(passes_per_epoch * len(train_w.starts) / cfg.batch_size)
     plan = {"epochs": cfg.max_epochs}  # revised after every epoch; the schedule reads it
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _schedule(s, plan["epochs"] * steps_per_epoch, warmup=steps_per_epoch)
@@ -422,7 +429,9 @@ def train_model(
         result.stop_reason = STOP_MAX_EPOCHS
         for epoch in range(1, cfg.max_epochs + 1):
             epoch_started = time.monotonic()
-            metrics = _train_pass(model, train_w, rng, opt, sched, cfg, quantiles, bar, f"epoch {epoch}")
+            metrics = _train_pass(
+                model, train_w, rng, opt, sched, cfg, quantiles, bar, f"epoch {epoch}", steps=steps_per_epoch
+            )
             pass_seconds = time.monotonic() - epoch_started
             val_loss = evaluate_loss(model, val_w, cfg, quantiles)
             metrics = {"train_loss": metrics.pop("loss"), "val_loss": val_loss, **metrics}
@@ -490,11 +499,14 @@ def _train_pass(
     quantiles: torch.Tensor,
     bar: tqdm,
     where: str,
+    steps: int = 0,
 ) -> dict[str, float]:
-    """One pass over ``win`` in random order: -> mean loss, pre-clip gradient norms (mean and
-    max), the share of clipped steps and the learning rate at the end."""
+    """One pass over ``win`` in random order (repeated, each time reshuffled, until it makes at least
+    ``steps`` optimizer steps): -> mean loss, pre-clip gradient norms (mean and max), the share of
+    clipped steps and the learning rate at the end."""
     model.train()
-    order = rng.permutation(len(win.starts))
+    passes = max(1, math.ceil(steps * cfg.batch_size / len(win.starts))) if steps else 1
+    order = np.concatenate([rng.permutation(len(win.starts)) for _ in range(passes)])
     losses, norms, clipped = [], [], 0
     params = [p for group in opt.param_groups for p in group["params"]]
     for step, first in enumerate(range(0, len(order), cfg.batch_size), start=1):

@@ -27,7 +27,7 @@ from training.train import (
     train_model,
 )
 
-SMALL = TrainConfig(window=96, batch_size=32, max_epochs=5, stride=4, burn_in=12, lr=5e-3, seed=3)
+SMALL = TrainConfig(window=96, batch_size=32, max_epochs=5, stride=4, burn_in=12, min_epoch_steps=1, lr=5e-3, seed=3)
 
 
 def small_model(series, **kw):
@@ -102,7 +102,7 @@ def test_fine_tuning_sees_the_windows_whose_targets_reach_the_validation_stretch
 
 def test_fine_tuning_moves_the_chosen_weights_and_leaves_the_epochs_alone():
     series = [synthetic_series(n=48 * 12)]
-    cfg = TrainConfig(window=96, batch_size=32, max_epochs=3, stride=24, burn_in=12, seed=11)
+    cfg = TrainConfig(window=96, batch_size=32, max_epochs=3, stride=24, burn_in=12, min_epoch_steps=1, seed=11)
     plain, tuned = small_model(series), small_model(series)
     r_plain = train_model(plain, series, replace(cfg, finetune_passes=0), progress=False)
     r_tuned = train_model(tuned, series, cfg, progress=False)
@@ -115,7 +115,7 @@ def test_fine_tuning_moves_the_chosen_weights_and_leaves_the_epochs_alone():
 
 def test_training_is_reproducible_with_a_seed():
     series = [synthetic_series(n=48 * 12)]
-    cfg = TrainConfig(window=96, batch_size=32, max_epochs=2, stride=24, burn_in=12, seed=11)
+    cfg = TrainConfig(window=96, batch_size=32, max_epochs=2, stride=24, burn_in=12, min_epoch_steps=1, seed=11)
     a, b = small_model(series), small_model(series)
     ra, rb = train_model(a, series, cfg, progress=False), train_model(b, series, cfg, progress=False)
     assert ra.history == rb.history
@@ -160,7 +160,7 @@ def test_pinball_loss_equals_the_textbook_definition_over_masked_points():
 
 def test_members_train_one_after_another_each_as_its_own_network():
     series = [synthetic_series(n=48 * 12)]
-    cfg = TrainConfig(window=96, batch_size=32, max_epochs=2, stride=24, burn_in=12, seed=5)
+    cfg = TrainConfig(window=96, batch_size=32, max_epochs=2, stride=24, burn_in=12, min_epoch_steps=1, seed=5)
     config = scaled_config(ModelConfig(hidden_size=16, num_layers=1, horizon=6, members=2), series)
     seen = []
     model, result = train_forecaster(config, series, cfg, on_epoch=lambda e, m: seen.append((e, m)), progress=False)
