@@ -74,6 +74,9 @@ class TrainConfig:
     # windows, repeated until it makes at least this many optimizer steps: on short data one pass
     # is a step or two, too little between two validations.
     min_epoch_steps: int = 32
+    # Windows start from the recurrent state the series has there after all its history (see
+    # _warm_states), not from zero; false trains every window from zero state.
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         optional = [key for key in ("window", "stride") if getattr(self, key) is not None]
@@ -252,16 +255,63 @@ def _pack(model: Forecaster, series: Sequence, cfg: TrainConfig) -> tuple[_Windo
     return windows(train), windows(val), windows(recent)
 
 
+@dataclass
+class _WarmStates:
+    """The recurrent state (h, c) a series has at each window start when the model runs over all of
+    its history from the series' first step, as a server streaming it would have it."""
+
+    positions: np.ndarray  # (P,) sorted window starts, packed-array offsets
+    states: dict[str, torch.Tensor]  # name -> (L, P, H)
+
+    def at(self, starts: torch.Tensor) -> dict[str, torch.Tensor]:
+        k = torch.as_tensor(np.searchsorted(self.positions, starts.numpy()))
+        return {name: s[:, k] for name, s in self.states.items()}
+
+
+@torch.no_grad()
+def _warm_states(model: Forecaster, win: _Windows, starts: np.ndarray) -> _WarmStates:
+    """Run the model over each series once, in segments from one window start to the next, and keep
+    the recurrent state at every start (the lag buffer needs no run: it is read from the data).
+
+    Why: the server steps a series from its first observation for ever, so its state has seen
+    weeks of history; windows trained from zero state only ever see a window's worth. Where a
+    series has regimes longer than a window (a call centre closed all weekend), the state at serving
+    time then lies where training never went, and forecasts after such a stretch go wild. Windows
+    that start from these states (computed with the weights of the epoch before: stale by one
+    epoch, which the burn-in absorbs) train on the states the server will have.
+    """
+    positions = np.unique(starts)
+    names = [n for n in ("h", "c") if n in model.config.state_names]
+    kept = {n: [] for n in names}
+    was_training = model.training
+    model.eval()
+    firsts = win.series_start[torch.as_tensor(positions)].numpy()
+    for first in np.unique(firsts):
+        state, at = model.zero_state(1), int(first)
+        for p in positions[firsts == first].tolist():
+            if p > at:
+                seg = slice(at, p)
+                _, _, state, _ = model.encode(
+                    win.values[seg][None], win.timestamps[seg][None], win.covariates[seg][None], state
+                )
+                at = p
+            for n in names:
+                kept[n].append(state[n])
+    model.train(was_training)
+    return _WarmStates(positions, {n: torch.cat(kept[n], dim=1) for n in names})
+
+
 def _batch(
-    model: Forecaster, win: _Windows, rows: np.ndarray, width: int
+    model: Forecaster, win: _Windows, rows: np.ndarray, width: int, warm: _WarmStates | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Gather windows -> values (B, W), timestamps (B, W), covariates (B, W, C), targets (B, W, h),
     a loss mask (B, W), and the state each window starts from. Validation windows may be shorter
     than ``width``: padded and masked.
 
-    The start state is zero (burn_in steps warm the recurrent state up) except for the lag buffer,
-    which holds the S values before the window, as a server streaming the series would have it:
-    zeros and a shorter count where the series began less than S steps before the window.
+    The recurrent state starts from ``warm`` (the state after all history before the window, see
+    _warm_states), or zero; burn_in steps let it settle. The lag buffer holds the S values before the
+    window, as a server streaming the series would have it: zeros and a shorter count where the
+    series began less than S steps before the window.
     """
     pos = torch.arange(width)
     start = torch.as_tensor(win.starts[rows])
@@ -273,6 +323,8 @@ def _batch(
     targets = win.targets[idx]
     mask &= ~torch.isnan(targets).any(-1)
     state = model.zero_state(len(rows))
+    if warm is not None:
+        state.update(warm.at(start))
     s = model.config.buffer_size
     if s:
         first = win.series_start[start]  # (B,)
@@ -415,6 +467,9 @@ def train_model(
     result = TrainResult(seed=cfg.seed)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     started = time.perf_counter()
+    every_start = np.concatenate([train_w.starts, val_w.starts, recent_w.starts])
+    warm = _warm_states(model, train_w, every_start) if cfg.warm_start else None
+    best_warm = warm
     # Redrawn at most every 2 s when stderr is a log file rather than a terminal.
     bar = tqdm(
         total=steps_per_epoch * cfg.max_epochs + finetune_steps,
@@ -430,10 +485,12 @@ def train_model(
         for epoch in range(1, cfg.max_epochs + 1):
             epoch_started = time.monotonic()
             metrics = _train_pass(
-                model, train_w, rng, opt, sched, cfg, quantiles, bar, f"epoch {epoch}", steps=steps_per_epoch
+                model, train_w, rng, opt, sched, cfg, quantiles, bar, f"epoch {epoch}", steps=steps_per_epoch, warm=warm
             )
             pass_seconds = time.monotonic() - epoch_started
-            val_loss = evaluate_loss(model, val_w, cfg, quantiles)
+            if warm is not None:  # this epoch's weights: for its validation and the next epoch's windows
+                warm = _warm_states(model, train_w, every_start)
+            val_loss = evaluate_loss(model, val_w, cfg, quantiles, warm)
             metrics = {"train_loss": metrics.pop("loss"), "val_loss": val_loss, **metrics}
             result.history.append(metrics)
             bar.set_postfix(epoch=epoch, loss=f"{metrics['train_loss']:.4f}", val=f"{val_loss:.4f}")
@@ -443,6 +500,7 @@ def train_model(
             if val_loss < result.best_val_loss - 1e-6:
                 result.best_val_loss, result.best_epoch = val_loss, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_warm = warm
             elif epoch - result.best_epoch >= cfg.patience:
                 result.stop_reason, result.stopped_early = STOP_PATIENCE, True
                 log.info("early stop at epoch %d: no validation gain for %d epochs", epoch, cfg.patience)
@@ -464,10 +522,13 @@ def train_model(
                 break
         bar.total = bar.n + finetune_steps
         model.load_state_dict(best_state)
+        warm = best_warm
         # Fine-tuning: a fresh optimizer at a constant low rate, the same clipping.
         opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=cfg.weight_decay)
         for p in range(1, passes + 1):
-            metrics = _train_pass(model, recent_w, rng, opt, None, cfg, quantiles, bar, f"fine-tuning pass {p}")
+            metrics = _train_pass(
+                model, recent_w, rng, opt, None, cfg, quantiles, bar, f"fine-tuning pass {p}", warm=warm
+            )
             metrics = {f"finetune_{k}": v for k, v in metrics.items()}
             result.finetune.append(metrics)
             bar.set_postfix(finetune=p, loss=f"{metrics['finetune_loss']:.4f}")
@@ -500,6 +561,7 @@ def _train_pass(
     bar: tqdm,
     where: str,
     steps: int = 0,
+    warm: _WarmStates | None = None,
 ) -> dict[str, float]:
     """One pass over ``win`` in random order (repeated, each time reshuffled, until it makes at least
     ``steps`` optimizer steps): -> mean loss, pre-clip gradient norms (mean and max), the share of
@@ -510,7 +572,8 @@ def _train_pass(
     losses, norms, clipped = [], [], 0
     params = [p for group in opt.param_groups for p in group["params"]]
     for step, first in enumerate(range(0, len(order), cfg.batch_size), start=1):
-        values, ts, cov, target, mask, state = _batch(model, win, order[first : first + cfg.batch_size], cfg.window)
+        rows = order[first : first + cfg.batch_size]
+        values, ts, cov, target, mask, state = _batch(model, win, rows, cfg.window, warm)
         loss = pinball_loss(model.forecast_all_z(values, ts, cov, state), target, mask, quantiles)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss ({loss.item()}) at {where}, step {step}")
@@ -535,12 +598,16 @@ def _train_pass(
 
 
 @torch.no_grad()
-def evaluate_loss(model: Forecaster, win: _Windows, cfg: TrainConfig, quantiles: torch.Tensor) -> float:
+def evaluate_loss(
+    model: Forecaster, win: _Windows, cfg: TrainConfig, quantiles: torch.Tensor, warm: _WarmStates | None = None
+) -> float:
     model.eval()
     total, weight = 0.0, 0
     rows = np.arange(len(win.starts))
     for first in range(0, len(rows), cfg.batch_size):
-        values, ts, cov, target, mask, state = _batch(model, win, rows[first : first + cfg.batch_size], cfg.window)
+        values, ts, cov, target, mask, state = _batch(
+            model, win, rows[first : first + cfg.batch_size], cfg.window, warm
+        )
         loss = pinball_loss(model.forecast_all_z(values, ts, cov, state), target, mask, quantiles)
         total += loss.item() * int(mask.sum())
         weight += int(mask.sum())

@@ -196,3 +196,29 @@ def test_the_ensemble_config_is_the_default_with_five_members():
     ensemble = load_config(configs / "elecdemand-ensemble.yaml")
     assert ensemble.model.members == 5 and ensemble.model.member_size == 64
     assert ensemble == load_config(configs / "elecdemand.yaml", ["model.hidden_size=320", "model.members=5"])
+
+
+def test_windows_start_from_the_state_the_series_has_there_after_all_its_history():
+    """A server steps a series from its first observation on: a training window's warm state must be
+    exactly the state of one run of the model over everything before the window."""
+    from training.train import _batch, _warm_states
+
+    series = [synthetic_series(n=48 * 12, seed=s, series_id=f"s{s}") for s in (1, 2)]
+    model = small_model(series, lags=(48,))
+    train_w, val_w, recent_w = _pack(model, series, SMALL)
+    starts = np.concatenate([train_w.starts, val_w.starts, recent_w.starts])
+    warm = _warm_states(model, train_w, starts)
+    n = len(series[0].values)
+    for row, window_start in ((3, train_w.starts[3]), (-2, train_w.starts[-2])):  # one in each series
+        first = 0 if window_start < n else n
+        s = series[0] if first == 0 else series[1]
+        upto = window_start - first
+        with torch.no_grad():
+            _, h, c, *_ = model(
+                torch.tensor(s.values[None, :upto]), torch.tensor(s.timestamps_ms[None, :upto]), None,
+                *model.zero_state(1).values(),
+            )  # fmt: skip
+        *_, state = _batch(model, train_w, np.array([row % len(train_w.starts)]), SMALL.window, warm)
+        np.testing.assert_allclose(state["h"], h, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state["c"], c, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(state["h"], torch.zeros_like(state["h"]))  # not the zero state
