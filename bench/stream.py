@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-uri", default=None, help="a model directory or models:/... (default: the default config)")
     p.add_argument("--quick", action="store_true", help="fewer messages (a smoke run)")
     p.add_argument("--rounds", type=int, default=5, help="alternating server/baseline rounds per ratio (median kept)")
+    p.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"], help="which measurements")
     args = p.parse_args(argv)
     scale = 0.2 if args.quick else 1.0
     model_dir = default_model_dir() if args.model_uri is None else None
@@ -299,52 +300,62 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # (a) one stream of 256 series per message against raw ORT at batch 256, alternating
         rounds_a = []
-        for _ in range(args.rounds):
+        for _ in range(args.rounds if "a" in args.parts else 0):
             raw, raw_cpu_us = raw_ort(model_dir, 256, seconds=1.5 * scale)
             cpu = server.cpu_seconds()
             served = asyncio.run(one_stream(target, messages, warmup=20))
             server_cpu_us = (server.cpu_seconds() - cpu) / (len(messages) * 256) * 1e6
             rounds_a.append({"server_obs_per_s": served, "raw_ort_obs_per_s": raw, "ratio": served / raw,
                              "server_cpu_us_per_obs": server_cpu_us, "raw_ort_cpu_us_per_obs": raw_cpu_us})  # fmt: skip
-        results["a_one_stream_256_series"] = {
-            **_median(rounds_a),
-            "round_ratios": [r["ratio"] for r in rounds_a],
-            "rounds": rounds_a,
-        }
+        if rounds_a:
+            results["a_one_stream_256_series"] = {
+                **_median(rounds_a),
+                "round_ratios": [r["ratio"] for r in rounds_a],
+                "rounds": rounds_a,
+            }
 
         # (b) one observation per message, against the echo server, alternating per stream count
-        payload = asyncio.run(first_response(target))
-        with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as f:
-            f.write(payload)
-        echo = Process(["-m", "bench.echo_server", "--payload", f.name], r"port (\d+)")
-        os.unlink(f.name)
-        echo_target = f"127.0.0.1:{echo.match.group(1)}"
         rows_b = []
-        for n in STREAMS:
-            rounds_b = []
-            for _ in range(args.rounds):
-                o = measured(server, target, n, totals)
-                e = measured(echo, echo_target, n, totals)
-                rounds_b.append({**o, "echo_messages_per_s": e["messages_per_s"], "echo_p50_ms": e["p50_ms"],
-                                 "echo_p99_ms": e["p99_ms"], "echo_cpu_us_per_msg": e["server_cpu_us_per_msg"],
-                                 "ratio": o["messages_per_s"] / e["messages_per_s"]})  # fmt: skip
-            rows_b.append({**_median(rounds_b), "round_ratios": [r["ratio"] for r in rounds_b]})
-        results["b_one_observation_per_message"] = rows_b
+        if "b" in args.parts:
+            rows_b, echo = part_b(server, target, totals, args.rounds)
+            results["b_one_observation_per_message"] = rows_b
 
         # (c)
-        rss_idle, _ = server.rss_mib()
-        fill_s, (rss_live, rss_peak) = asyncio.run(live_series(target, 100_000, 4, 1000, server.rss_mib))
+        if "c" in args.parts:
+            rss_idle, _ = server.rss_mib()
+            fill_s, (rss_live, rss_peak) = asyncio.run(live_series(target, 100_000, 4, 1000, server.rss_mib))
+            results["c_live_series"] = {"series": 100_000, "fill_seconds": fill_s, "rss_idle_mib": rss_idle,
+                                        "rss_live_mib": rss_live, "rss_peak_mib": rss_peak}  # fmt: skip
     finally:
         server_exit = server.stop()
         if echo is not None:
             echo.stop()
-    results["c_live_series"] = {"series": 100_000, "fill_seconds": fill_s, "rss_idle_mib": rss_idle,
-                                "rss_live_mib": rss_live, "rss_peak_mib": rss_peak}  # fmt: skip
     results["server_exit_code"] = server_exit
 
     print_table(results)
     print(f"\nwrote {write_results('stream', results)}")
     return 0
+
+
+def part_b(server: Process, target: str, totals: int, rounds: int) -> tuple[list[dict], Process]:
+    """(b): one observation per message over 1..256 streams, rounds alternating with the echo server."""
+    payload = asyncio.run(first_response(target))
+    with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as f:
+        f.write(payload)
+    echo = Process(["-m", "bench.echo_server", "--payload", f.name], r"port (\d+)")
+    os.unlink(f.name)
+    echo_target = f"127.0.0.1:{echo.match.group(1)}"
+    rows_b = []
+    for n in STREAMS:
+        rounds_b = []
+        for _ in range(rounds):
+            o = measured(server, target, n, totals)
+            e = measured(echo, echo_target, n, totals)
+            rounds_b.append({**o, "echo_messages_per_s": e["messages_per_s"], "echo_p50_ms": e["p50_ms"],
+                             "echo_p99_ms": e["p99_ms"], "echo_cpu_us_per_msg": e["server_cpu_us_per_msg"],
+                             "ratio": o["messages_per_s"] / e["messages_per_s"]})  # fmt: skip
+        rows_b.append({**_median(rounds_b), "round_ratios": [r["ratio"] for r in rounds_b]})
+    return rows_b, echo
 
 
 def _median(rounds: list[dict]) -> dict:
@@ -353,8 +364,19 @@ def _median(rounds: list[dict]) -> dict:
 
 
 def print_table(r: dict) -> None:
-    m, a, c = machine(), r["a_one_stream_256_series"], r["c_live_series"]
+    m = machine()
     print(f"\nmachine: {m['cores']} cores, {m['cpu']}; onnxruntime {ort.__version__} on CPU (no GPU)")
+    if "a_one_stream_256_series" in r:
+        print_a(r["a_one_stream_256_series"])
+    if "b_one_observation_per_message" in r:
+        print_b(r["b_one_observation_per_message"])
+    if "c_live_series" in r:
+        c = r["c_live_series"]
+        rss = f"server RSS {c['rss_live_mib']:.0f} MiB (peak {c['rss_peak_mib']:.0f}, idle {c['rss_idle_mib']:.0f})"
+        print(f"\n(c) {c['series']:,} live series: {rss}; started in {c['fill_seconds']:.1f} s  (target < 1024 MiB)")
+
+
+def print_a(a: dict) -> None:
     print("\n(a) one stream, 256 series per message            obs/s")
     print(f"    raw ONNX Runtime, batch 256, in-process   {a['raw_ort_obs_per_s']:>10,.0f}")
     print(f"    forecast server over gRPC                 {a['server_obs_per_s']:>10,.0f}", end="")
@@ -362,9 +384,12 @@ def print_table(r: dict) -> None:
     print(f"    ratio of each round (median shown): {', '.join(f'{x:.2f}' for x in a['round_ratios'])}")
     print(f"    CPU per observation: server {a['server_cpu_us_per_obs']:.2f} µs (all threads),"
           f" raw ONNX Runtime {a['raw_ort_cpu_us_per_obs']:.2f} µs")  # fmt: skip
+
+
+def print_b(rows: list[dict]) -> None:
     print("\n(b) one observation per message      server                        bare gRPC (same bytes)")
     print("    streams      msg/s   p50 ms   p99 ms  cpu µs      msg/s   p50 ms   p99 ms  cpu µs   ratio")
-    for b in r["b_one_observation_per_message"]:
+    for b in rows:
         ours = (
             f"{b['messages_per_s']:>10,.0f} {b['p50_ms']:>8.2f} {b['p99_ms']:>8.2f} {b['server_cpu_us_per_msg']:>7.0f}"
         )
@@ -373,8 +398,6 @@ def print_table(r: dict) -> None:
         print(f"    {b['streams']:>7} {ours} {bare} {b['echo_cpu_us_per_msg']:>7.0f}   {b['ratio']:.2f}  ({rounds})")
     print("    (cpu µs: server process CPU time per message, all threads)")
     print("    (target: ratio >= 0.7 at 64 streams)")
-    rss = f"server RSS {c['rss_live_mib']:.0f} MiB (peak {c['rss_peak_mib']:.0f}, idle {c['rss_idle_mib']:.0f})"
-    print(f"\n(c) {c['series']:,} live series: {rss}; started in {c['fill_seconds']:.1f} s  (target < 1024 MiB)")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from training.config import ConfigError, load_config
     from training.data import DataError
+    from training.distributed import finish, workers_from_env
     from training.export import ExportError
-    from training.pipeline import DEFAULT_TRACKING_URI, fit
+    from training.pipeline import DEFAULT_TRACKING_URI, fit, train_only
     from training.registry import CANDIDATE, PRODUCTION, RegistryError, alias_version, promote
     from training.train import TrainingError
 
@@ -67,12 +68,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}@{PRODUCTION} is version {current.version}; nothing to train")
                 return 0
             print(f"no {name}@{PRODUCTION} in {mlflow.get_tracking_uri()}: training {args.config} first", flush=True)
+        # Under torchrun: one process per rank, data-parallel (training.distributed); rank 0 does the rest.
+        workers = workers_from_env(cfg.train.device)
+        if workers.distributed and not workers.main:
+            train_only(cfg, workers)
+            finish(workers)
+            return 0
         outcome = fit(
             cfg,
             Path(args.config),
             progress=not getattr(args, "no_progress", False),
             force=getattr(args, "force", False),
+            workers=workers,
         )
+        finish(workers)
     except (ConfigError, DataError, TrainingError, ExportError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

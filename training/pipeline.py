@@ -16,6 +16,7 @@ import torch
 
 from training.config import FitConfig
 from training.data import Dataset, Series, load_dataset
+from training.distributed import Workers
 from training.evaluate import BacktestResult, backtest, classical_periods, holdout_start, plot_backtest
 from training.export import example_inputs, export_model
 from training.model import Forecaster, ModelConfig
@@ -146,9 +147,23 @@ def run_backtest(model: Forecaster, dataset: Dataset, cfg: FitConfig) -> Backtes
     )
 
 
-def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True, force: bool = False) -> FitOutcome:
+def train_only(cfg: FitConfig, workers: Workers) -> None:
+    """A data-parallel rank other than 0: the same data and the same training as rank 0 (which logs,
+    backtests, exports and registers), and nothing else."""
+    _, train_parts, model_cfg, cfg = prepare(cfg)
+    train_forecaster(model_cfg, train_parts, cfg.train, progress=False, workers=workers)
+
+
+def fit(
+    cfg: FitConfig,
+    config_path: Path | None = None,
+    progress: bool = True,
+    force: bool = False,
+    workers: Workers | None = None,
+) -> FitOutcome:
     """Train, backtest, export, log and register ``cfg``'s model, then run the promotion gate
-    (``force``: promote without it). The outcome says whether the new version was promoted."""
+    (``force``: promote without it). The outcome says whether the new version was promoted.
+    Under torchrun this is rank 0's part (``workers``); the other ranks run ``train_only``."""
     # Data first: a bad file fails before any run is opened.
     dataset, train_parts, model_cfg, cfg = prepare(cfg)
     fp = dataset.fingerprint
@@ -170,8 +185,11 @@ def fit(cfg: FitConfig, config_path: Path | None = None, progress: bool = True, 
             mlflow.log_artifact(str(config_path), "config")
 
         model, result = train_forecaster(
-            model_cfg, train_parts, cfg.train, on_epoch=lambda e, m: mlflow.log_metrics(m, step=e), progress=progress
-        )
+            model_cfg, train_parts, cfg.train, on_epoch=lambda e, m: mlflow.log_metrics(m, step=e), progress=progress,
+            workers=workers,
+        )  # fmt: skip
+        if workers is not None and workers.distributed:
+            mlflow.log_param("train.processes", workers.world)
         if result.members:
             mlflow.log_metrics({f"member{i}.best_epoch": r.best_epoch for i, r in enumerate(result.members)})
             best = ", ".join(str(r.best_epoch) for r in result.members)

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
+from training.distributed import DEVICES, Workers
 from training.model import Forecaster, ModelConfig, pack_members
 
 log = logging.getLogger(__name__)
@@ -77,12 +79,15 @@ class TrainConfig:
     # Windows start from the recurrent state the series has there after all its history (see
     # _warm_states), not from zero; false trains every window from zero state.
     warm_start: bool = True
+    device: str = "auto"  # auto | cpu | cuda (see training.distributed)
 
     def __post_init__(self) -> None:
         optional = [key for key in ("window", "stride") if getattr(self, key) is not None]
         for name in ("batch_size", "max_epochs", "patience", "min_epoch_steps", *optional):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"train.device must be one of {DEVICES}, got {self.device!r}")
         if not self.max_minutes > 0:
             raise ValueError(f"train.max_minutes must be a positive number of minutes, got {self.max_minutes!r}")
         if self.lr <= 0:
@@ -265,7 +270,7 @@ class _WarmStates:
 
     def at(self, starts: torch.Tensor) -> dict[str, torch.Tensor]:
         k = torch.as_tensor(np.searchsorted(self.positions, starts.numpy()))
-        return {name: s[:, k] for name, s in self.states.items()}
+        return {name: s[:, k.to(s.device)].cpu() for name, s in self.states.items()}
 
 
 @torch.no_grad()
@@ -285,15 +290,15 @@ def _warm_states(model: Forecaster, win: _Windows, starts: np.ndarray) -> _WarmS
     kept = {n: [] for n in names}
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     firsts = win.series_start[torch.as_tensor(positions)].numpy()
     for first in np.unique(firsts):
-        state, at = model.zero_state(1), int(first)
+        state, at = {k: v.to(device) for k, v in model.zero_state(1).items()}, int(first)
         for p in positions[firsts == first].tolist():
             if p > at:
                 seg = slice(at, p)
-                _, _, state, _ = model.encode(
-                    win.values[seg][None], win.timestamps[seg][None], win.covariates[seg][None], state
-                )
+                inputs = (win.values[seg][None], win.timestamps[seg][None], win.covariates[seg][None])
+                _, _, state, _ = model.encode(*(t.to(device) for t in inputs), state)
                 at = p
             for n in names:
                 kept[n].append(state[n])
@@ -336,7 +341,16 @@ def _batch(
 
 
 def pinball_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
-    """pred (B, W, h, Q), target (B, W, h), mask (B, W) -> mean pinball loss over masked points.
+    """pred (B, W, h, Q), target (B, W, h), mask (B, W) -> mean pinball loss over masked points."""
+    total, count = pinball_sum(pred, target, mask, quantiles)
+    return total / count.clamp(min=1)
+
+
+def pinball_sum(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, quantiles: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pinball loss summed over masked points (each point's mean over horizon and quantiles),
+    and the number of masked points: the parts a data-parallel step needs apart.
 
     max(q d, (q - 1) d) = q d + relu(-d) with d = target - pred, and the q d part sums over the
     quantiles as a dot product: two passes over the (B, W, h, Q) forecasts instead of five.
@@ -345,7 +359,7 @@ def pinball_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, q
     over = torch.relu(pred - target.unsqueeze(-1)).sum(dim=(-1, -2))  # (B, W)
     below = target.sum(-1) * quantiles.sum() - (pred @ quantiles).sum(-1)  # (B, W)
     loss = (over + below) / (h * q)
-    return (loss * mask).sum() / mask.sum().clamp(min=1)
+    return (loss * mask).sum(), mask.sum()
 
 
 def clip_gradients(
@@ -378,16 +392,19 @@ def train_forecaster(
     cfg: TrainConfig,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    workers: Workers | None = None,
 ) -> tuple[Forecaster, TrainResult]:
     """Build and train the model of ``config`` (scaling statistics already fitted, see
     ``scaled_config``). With ``members`` K > 1, K networks of ``hidden_size / K`` units are
     trained one after another, each from its own seed (``member_seeds``), then packed into one;
     their epoch metrics reach ``on_epoch`` as ``member{i}.NAME``. The ``max_minutes`` budget
-    covers all members: each gets an even share of what is left when it starts."""
+    covers all members: each gets an even share of what is left when it starts. ``workers``: the
+    data-parallel process group (training.distributed; default: this process alone, on the CPU)."""
+    workers = workers or Workers()
     deadline = time.monotonic() + 60.0 * cfg.max_minutes
     if config.members == 1:
         model = _seeded_model(config, cfg.seed)
-        return model, train_model(model, series, cfg, on_epoch, progress, deadline=deadline)
+        return model, train_model(model, series, cfg, on_epoch, progress, deadline=deadline, workers=workers)
     single = replace(config, hidden_size=config.member_size, members=1)
     nets, results = [], []
     started = time.perf_counter()
@@ -402,7 +419,8 @@ def train_forecaster(
                 on_epoch(epoch, {f"member{i}.{k}": v for k, v in metrics.items()})
 
         desc = f"member {i + 1}/{config.members}"
-        results.append(train_model(net, series, replace(cfg, seed=seed), hook, progress, desc=desc, deadline=share))
+        member_cfg = replace(cfg, seed=seed)
+        results.append(train_model(net, series, member_cfg, hook, progress, desc=desc, deadline=share, workers=workers))
         nets.append(net)
     result = TrainResult(
         best_val_loss=float(np.mean([r.best_val_loss for r in results])),
@@ -428,6 +446,7 @@ def train_model(
     progress: bool = True,
     desc: str = "train",
     deadline: float | None = None,
+    workers: Workers | None = None,
 ) -> TrainResult:
     """Fit ``model`` (one network: members 1) in place on the training parts of ``series``
     (objects with ``values`` (T,), ``timestamps_ms`` (T,) and ``covariates`` (T, C)); keep the
@@ -441,7 +460,13 @@ def train_model(
     learning-rate schedule (warm-up, cosine decay) is planned over the epochs that fit: after each
     epoch the plan is re-estimated from the epochs' measured time, so a budget that cuts training
     short still ends it at a low rate.
+
+    Data-parallel under torchrun (``workers``, see training.distributed): the same windows in the
+    same order on every rank, each taking its share of every batch; the epoch's timing and the
+    budget decision are taken on the slowest rank's figures, so all ranks stop together. The model
+    trains on ``workers.device`` and comes back on the CPU.
     """
+    workers = workers or Workers()
     if model.config.members != 1:
         raise ValueError("train_model fits one network; train a model of members with train_forecaster")
     deadline = time.monotonic() + 60.0 * cfg.max_minutes if deadline is None else deadline
@@ -451,7 +476,14 @@ def train_model(
         torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     train_w, val_w, recent_w = _pack(model, series, cfg)
-    quantiles = torch.tensor(model.config.quantiles)
+    model.to(workers.device)
+    quantiles = torch.tensor(model.config.quantiles, device=workers.device)
+    forecasts: nn.Module = _Forecasts(model)
+    if workers.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [workers.device] if workers.device.type == "cuda" else None
+        forecasts = DistributedDataParallel(forecasts, device_ids=ids)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # An epoch: one pass over the training windows, or more on short data (see min_epoch_steps).
@@ -475,7 +507,7 @@ def train_model(
         total=steps_per_epoch * cfg.max_epochs + finetune_steps,
         desc=desc,
         unit="step",
-        disable=not progress,
+        disable=not progress or not workers.main,
         file=sys.stderr,
         dynamic_ncols=True,
         mininterval=0.1 if sys.stderr.isatty() else 2.0,
@@ -485,12 +517,13 @@ def train_model(
         for epoch in range(1, cfg.max_epochs + 1):
             epoch_started = time.monotonic()
             metrics = _train_pass(
-                model, train_w, rng, opt, sched, cfg, quantiles, bar, f"epoch {epoch}", steps=steps_per_epoch, warm=warm
-            )
-            pass_seconds = time.monotonic() - epoch_started
+                model, train_w, rng, opt, sched, cfg, quantiles, bar, f"epoch {epoch}", steps=steps_per_epoch,
+                warm=warm, workers=workers, forecasts=forecasts,
+            )  # fmt: skip
+            pass_seconds = workers.largest(time.monotonic() - epoch_started)
             if warm is not None:  # this epoch's weights: for its validation and the next epoch's windows
                 warm = _warm_states(model, train_w, every_start)
-            val_loss = evaluate_loss(model, val_w, cfg, quantiles, warm)
+            val_loss = evaluate_loss(model, val_w, cfg, quantiles, warm, workers)
             metrics = {"train_loss": metrics.pop("loss"), "val_loss": val_loss, **metrics}
             result.history.append(metrics)
             bar.set_postfix(epoch=epoch, loss=f"{metrics['train_loss']:.4f}", val=f"{val_loss:.4f}")
@@ -507,9 +540,10 @@ def train_model(
                 break
             # The budget: epochs that still fit, each as long as this one, after reserving the
             # fine-tuning (its passes cost what their share of windows costs in a training pass).
-            epoch_seconds = time.monotonic() - epoch_started
+            epoch_seconds = workers.largest(time.monotonic() - epoch_started)
             finetune_seconds = pass_seconds * passes * len(recent_w.starts) / len(train_w.starts)
-            fits = int((deadline - time.monotonic() - finetune_seconds) // epoch_seconds)
+            left = -workers.largest(time.monotonic() - deadline)  # the least time left on any rank
+            fits = int((left - finetune_seconds) // epoch_seconds)
             plan["epochs"] = min(cfg.max_epochs, epoch + max(0, fits))
             bar.total = plan["epochs"] * steps_per_epoch + finetune_steps
             if fits < 1 and epoch < cfg.max_epochs:
@@ -527,8 +561,9 @@ def train_model(
         opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=cfg.weight_decay)
         for p in range(1, passes + 1):
             metrics = _train_pass(
-                model, recent_w, rng, opt, None, cfg, quantiles, bar, f"fine-tuning pass {p}", warm=warm
-            )
+                model, recent_w, rng, opt, None, cfg, quantiles, bar, f"fine-tuning pass {p}", warm=warm,
+                workers=workers, forecasts=forecasts,
+            )  # fmt: skip
             metrics = {f"finetune_{k}": v for k, v in metrics.items()}
             result.finetune.append(metrics)
             bar.set_postfix(finetune=p, loss=f"{metrics['finetune_loss']:.4f}")
@@ -537,7 +572,7 @@ def train_model(
                 on_epoch(len(result.history) + p, metrics)
     finally:
         bar.close()
-    model.eval()
+    model.to("cpu").eval()
     result.seconds = time.perf_counter() - started
     log.info(
         "%s: %d epochs in %.1fs, best epoch %d, stopped by %s",
@@ -548,6 +583,18 @@ def train_model(
         result.stop_reason,
     )
     return result
+
+
+class _Forecasts(nn.Module):
+    """forecast_all_z as a module's forward, so DistributedDataParallel (which hooks forward) can
+    average the gradients of a data-parallel step."""
+
+    def __init__(self, model: Forecaster) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, values, timestamps_ms, covariates, state) -> torch.Tensor:
+        return self.model.forecast_all_z(values, timestamps_ms, covariates, state)
 
 
 def _train_pass(
@@ -562,32 +609,48 @@ def _train_pass(
     where: str,
     steps: int = 0,
     warm: _WarmStates | None = None,
+    workers: Workers = Workers(),  # noqa: B008  (frozen: one process, CPU)
+    forecasts: nn.Module | None = None,
 ) -> dict[str, float]:
     """One pass over ``win`` in random order (repeated, each time reshuffled, until it makes at least
     ``steps`` optimizer steps): -> mean loss, pre-clip gradient norms (mean and max), the share of
-    clipped steps and the learning rate at the end."""
+    clipped steps and the learning rate at the end.
+
+    Data-parallel (``workers``): every rank draws the same order and takes its share of each global
+    batch; its loss is its pinball sum over the global count of points times the world size, so the
+    gradients DistributedDataParallel averages are the one-process gradients of the whole batch.
+    A global batch too small to give every rank a window (a pass's last) is skipped by all ranks.
+    """
     model.train()
+    forecasts = forecasts or _Forecasts(model)
     passes = max(1, math.ceil(steps * cfg.batch_size / len(win.starts))) if steps else 1
     order = np.concatenate([rng.permutation(len(win.starts)) for _ in range(passes)])
     losses, norms, clipped = [], [], 0
     params = [p for group in opt.param_groups for p in group["params"]]
     for step, first in enumerate(range(0, len(order), cfg.batch_size), start=1):
         rows = order[first : first + cfg.batch_size]
-        values, ts, cov, target, mask, state = _batch(model, win, rows, cfg.window, warm)
-        loss = pinball_loss(model.forecast_all_z(values, ts, cov, state), target, mask, quantiles)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss ({loss.item()}) at {where}, step {step}")
+        if len(rows) < workers.world:
+            continue
+        values, ts, cov, target, mask, state = _to(
+            workers.device, *_batch(model, win, workers.share(rows), cfg.window, warm)
+        )
+        local, count = pinball_sum(forecasts(values, ts, cov, state), target, mask, quantiles)
+        points = max(1.0, workers.total(count))
+        loss = local * (workers.world / points)
+        mean_loss = workers.total(local.detach()) / points
+        if not math.isfinite(mean_loss):
+            raise TrainingError(f"non-finite loss ({mean_loss}) at {where}, step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm, was_clipped = clip_gradients(params, cfg.clip_norm, cfg.clip_value)
         opt.step()
         if sched is not None:
             sched.step()
-        losses.append(loss.item())
+        losses.append(mean_loss)
         norms.append(norm)
         clipped += was_clipped
         bar.update()
-        bar.set_postfix(step=where, loss=f"{loss.item():.4f}", refresh=False)
+        bar.set_postfix(step=where, loss=f"{mean_loss:.4f}", refresh=False)
     return {
         "loss": float(np.mean(losses)),
         "grad_norm_mean": float(np.mean(norms)),
@@ -597,21 +660,34 @@ def _train_pass(
     }
 
 
+def _to(device: torch.device, *batch):
+    """A batch from _batch on the training device (a no-op on the CPU)."""
+    if device.type == "cpu":
+        return batch
+    *tensors, state = batch
+    return (*(t.to(device) for t in tensors), {k: v.to(device) for k, v in state.items()})
+
+
 @torch.no_grad()
 def evaluate_loss(
-    model: Forecaster, win: _Windows, cfg: TrainConfig, quantiles: torch.Tensor, warm: _WarmStates | None = None
+    model: Forecaster,
+    win: _Windows,
+    cfg: TrainConfig,
+    quantiles: torch.Tensor,
+    warm: _WarmStates | None = None,
+    workers: Workers = Workers(),  # noqa: B008
 ) -> float:
+    """Mean pinball loss over the windows' masked points (data-parallel: each rank a share, summed)."""
     model.eval()
-    total, weight = 0.0, 0
-    rows = np.arange(len(win.starts))
+    total, weight = 0.0, 0.0
+    rows = workers.share(np.arange(len(win.starts)))
     for first in range(0, len(rows), cfg.batch_size):
-        values, ts, cov, target, mask, state = _batch(
-            model, win, rows[first : first + cfg.batch_size], cfg.window, warm
-        )
-        loss = pinball_loss(model.forecast_all_z(values, ts, cov, state), target, mask, quantiles)
-        total += loss.item() * int(mask.sum())
-        weight += int(mask.sum())
-    return total / max(1, weight)
+        batch = _batch(model, win, rows[first : first + cfg.batch_size], cfg.window, warm)
+        values, ts, cov, target, mask, state = _to(workers.device, *batch)
+        part, count = pinball_sum(model.forecast_all_z(values, ts, cov, state), target, mask, quantiles)
+        total += float(part)
+        weight += float(count)
+    return workers.total(total) / max(1.0, workers.total(weight))
 
 
 @torch.no_grad()
