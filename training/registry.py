@@ -1,8 +1,9 @@
 """The MLflow model registry: log both graphs as one model version, tag it, gate promotion.
 
 One registered version holds both graphs (``model.onnx`` as the ONNX flavor's model,
-``sequence.onnx`` as an extra file), so one alias always names a matching pair. Every new
-version gets alias ``candidate``; ``production`` moves only through :func:`promote`.
+``sequence.onnx`` as an extra file), so one alias always names a matching pair; its signature is
+the step graph's own tensors, each with its batch axis (-1). Every new version gets alias
+``candidate``; ``production`` moves only through :func:`promote`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import onnx
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
 
-from training.export import SEQUENCE_FILE, STEP_FILE, cpu_session
+from training.export import SEQUENCE_FILE, STEP_FILE
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,26 @@ class Promotion:
     reason: str
 
 
+def graph_signature(graph: onnx.ModelProto) -> ModelSignature:
+    """The graph's inputs and outputs as MLflow tensor specs, each dynamic dim -1.
+
+    Read from the graph, not inferred from an example: an example fixes its batch size, and the
+    batch is not the first axis of every tensor (``h``, ``c`` are [L, B, H]; ``values`` [B],
+    ``covariates`` [B, C], ``lags`` [B, S], ``forecast`` [B, horizon, Q]).
+    """
+    from onnx import helper
+
+    def specs(nodes) -> Schema:
+        out = []
+        for node in nodes:
+            tensor = node.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+            out.append(TensorSpec(np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)), shape, node.name))
+        return Schema(out)
+
+    return ModelSignature(specs(graph.graph.input), specs(graph.graph.output))
+
+
 def log_and_register(
     model_dir: Path,
     registered_model: str,
@@ -54,9 +76,6 @@ def log_and_register(
     """
     model_dir = Path(model_dir)
     step = onnx.load(str(model_dir / STEP_FILE))
-    outputs = dict(
-        zip([o.name for o in step.graph.output], cpu_session(model_dir / STEP_FILE).run(None, input_example))
-    )
     # MLflow's check of the input example patches os.environ process-wide to record the variables
     # it reads, and fails with "Set changed size during iteration" when another thread (a
     # server's alias watcher, in the tests) reads one meanwhile. The record only serves
@@ -66,7 +85,7 @@ def log_and_register(
         step,
         name="model",
         extra_files=[str(model_dir / SEQUENCE_FILE)],
-        signature=infer_signature(input_example, outputs),
+        signature=graph_signature(step),
         input_example=input_example,
         pip_requirements=SERVING_REQUIREMENTS,
         save_as_external_data=False,
