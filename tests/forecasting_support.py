@@ -69,6 +69,14 @@ def rpc_forecasts(target: str, histories: pd.DataFrame, value_col: str, covariat
     return pd.concat(frames, ignore_index=True)
 
 
+def utc_ms(col: pd.Series) -> np.ndarray:
+    """Datetimes (naive = UTC, tz-aware, or ISO strings from JSON) -> datetime64[ms] [N], UTC."""
+    col = pd.to_datetime(col)
+    if isinstance(col.dtype, pd.DatetimeTZDtype):
+        col = col.dt.tz_convert("UTC").dt.tz_localize(None)
+    return col.to_numpy().astype("datetime64[ms]")
+
+
 def assert_same_forecasts(got: pd.DataFrame, want: pd.DataFrame, tolerance: float = 1e-5) -> None:
     """Same series, origins, steps and timestamps, in the same order; numbers within tolerance."""
     assert list(got.columns) == list(want.columns), (list(got.columns), list(want.columns))
@@ -76,8 +84,7 @@ def assert_same_forecasts(got: pd.DataFrame, want: pd.DataFrame, tolerance: floa
     assert got["series_id"].astype(str).tolist() == want["series_id"].astype(str).tolist()
     assert got["step"].astype(np.int64).tolist() == want["step"].astype(np.int64).tolist()
     for col in ("origin", "timestamp"):
-        as_ms = [pd.to_datetime(frame[col]).to_numpy().astype("datetime64[ms]") for frame in (got, want)]
-        np.testing.assert_array_equal(*as_ms, err_msg=col)
+        np.testing.assert_array_equal(utc_ms(got[col]), utc_ms(want[col]), err_msg=col)
     for col in got.columns[4:]:  # point and the quantiles
         np.testing.assert_allclose(
             got[col].to_numpy(np.float64), want[col].to_numpy(np.float64), rtol=tolerance, atol=tolerance, err_msg=col
