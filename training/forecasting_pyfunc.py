@@ -42,6 +42,7 @@ OUTPUT_COLUMNS = ("series_id", "origin", "step", "timestamp", "point")
 # Observations (B x T) per ORT call: a 2-layer LSTM keeps [T, B, H] float32 per layer, so 2**18
 # observations at H = 320 is ~335 MB; longer histories run in smaller batches, one series at least.
 MAX_OBSERVATIONS_PER_CALL = 1 << 18
+_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64}
 
 
 class ForecastInputError(MlflowException):
@@ -144,10 +145,11 @@ class SequenceForecaster:
         self.quantiles = [float(q) for q in _split(meta["quantiles"])]
         self.point_index = self.quantiles.index(float(meta["point_quantile"]))
         inputs = {i.name: i for i in self.session.get_inputs()}
-        # Each state tensor's shape with its one dynamic (batch) axis as None: h, c [L, B, H],
-        # lags [B, S], lags_seen [B, 1] (CONTRACT §4; the metadata lists them in order).
+        # Each state tensor's shape with its one dynamic (batch) axis as None, and its dtype: h, c
+        # [L, B, H], lags [B, S], lags_seen [B, 1] (CONTRACT §4; the metadata lists them in order).
         self.state = {
-            name: [d if isinstance(d, int) else None for d in inputs[name].shape] for name in _split(meta["state"])
+            name: ([d if isinstance(d, int) else None for d in inputs[name].shape], _DTYPES[inputs[name].type])
+            for name in _split(meta["state"])
         }
         # A model without covariates may still declare a covariates input of width 0.
         self.takes_covariates = "covariates" in inputs
@@ -171,8 +173,8 @@ class SequenceForecaster:
         feeds = {"values": values, "timestamps_ms": timestamps_ms}
         if self.takes_covariates:
             feeds["covariates"] = covariates
-        for name, shape in self.state.items():
-            feeds[name] = np.zeros([batch if d is None else d for d in shape], np.float32)
+        for name, (shape, dtype) in self.state.items():  # zero state: the start of every series
+            feeds[name] = np.zeros([batch if d is None else d for d in shape], dtype)
         return self.session.run(["forecast"], feeds)[0]
 
     def frame(self, h: Histories, forecast: np.ndarray) -> pd.DataFrame:
