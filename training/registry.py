@@ -111,12 +111,12 @@ def log_and_register(
     """
     model_dir = Path(model_dir)
     step = onnx.load(str(model_dir / STEP_FILE))
-    forecasting_uri = log_forecasting_model(model_dir)
-    # MLflow's check of the input example patches os.environ process-wide to record the variables
-    # it reads, and fails with "Set changed size during iteration" when another thread (a
-    # server's alias watcher, in the tests) reads one meanwhile. The record only serves
-    # Databricks' endpoints; set the variable to true to have it anyway.
+    # MLflow's check of an input example (both models log one) patches os.environ process-wide to
+    # record the variables it reads, and fails with "Set changed size during iteration" when
+    # another thread (a server's alias watcher, in the tests) reads one meanwhile. The record only
+    # serves Databricks' endpoints; set the variable to true to have it anyway.
     os.environ.setdefault("MLFLOW_RECORD_ENV_VARS_IN_MODEL_LOGGING", "false")
+    forecasting_uri = log_forecasting_model(model_dir)
     info = mlflow.onnx.log_model(
         step,
         name="model",
