@@ -1,6 +1,8 @@
 """Stream a series through a registered forecaster with plain onnxruntime and numpy.
 
-No project code: this is what any user of the registry can do with the two graphs.
+No project code: this is what any user of the registry can do with the two graphs, one step per
+observation, carrying the state between calls. For whole histories in one call, the forecasting
+pyfunc logged beside each version does it for you (README, "Using the registered model").
 
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db python examples/onnx_inference.py \
         [--model-uri models:/forecaster@production] [--csv FILE --timestamp-col C --value-col C]

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2))
     _print_table(summary)
+    print(f"forecasting pyfunc (a DataFrame of histories in, forecasts out): {outcome.forecasting_model_uri}")
     print(
         f"registered {outcome.registered_model} version {outcome.version} (alias {CANDIDATE}); {outcome.promotion.reason}"
     )

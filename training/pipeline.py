@@ -20,7 +20,7 @@ from training.distributed import Workers
 from training.evaluate import BacktestResult, backtest, classical_periods, holdout_start, plot_backtest
 from training.export import example_inputs, export_model
 from training.model import Forecaster, ModelConfig
-from training.registry import Promotion, best_baseline, log_and_register, promote
+from training.registry import FORECASTING_TAG, Promotion, best_baseline, log_and_register, promote
 from training.seasonality import calendar_periods, covered_periods
 from training.train import TrainingError, TrainResult, forecast_series, scaled_config, train_forecaster
 
@@ -38,6 +38,7 @@ class FitOutcome:
     registered_model: str
     version: str
     model_uri: str
+    forecasting_model_uri: str  # the forecasting pyfunc logged beside the version (runs:/RUN_ID/forecasting)
     backtest: BacktestResult
     training: TrainResult
     promotion: Promotion
@@ -50,6 +51,7 @@ class FitOutcome:
             "registered_model": self.registered_model,
             "version": self.version,
             "model_uri": self.model_uri,
+            "forecasting_model_uri": self.forecasting_model_uri,
             "metrics": self.backtest.metrics,
             "baselines": self.backtest.baselines,
             "promotion": {"promoted": self.promotion.promoted, "reason": self.promotion.reason},
@@ -256,6 +258,7 @@ def fit(
         registered_model=cfg.mlflow.registered_model,
         version=str(version.version),
         model_uri=f"models:/{cfg.mlflow.registered_model}/{version.version}",
+        forecasting_model_uri=version.tags[FORECASTING_TAG],
         backtest=bt,
         training=result,
         promotion=decision,

@@ -92,6 +92,16 @@ def test_fit_on_unseen_csv_beats_seasonal_naive_and_registers(tmp_path):
     assert str(client.get_model_version_by_alias("loadcast", "production").version) == "1"
     assert str(client.get_model_version_by_alias("loadcast", "candidate").version) == "1"
 
+    # The forecasting pyfunc logged beside the version reads the training config's column names.
+    assert summary["forecasting_model_uri"] == client.get_model_version("loadcast", "1").tags["forecasting_model_uri"]
+    pyfunc = mlflow.pyfunc.load_model(summary["forecasting_model_uri"])
+    assert pyfunc.metadata.get_input_schema().input_names() == ["site", "when", "load_kw", "temp_c"]
+    frame = pd.read_csv(csv).assign(when=lambda d: pd.to_datetime(d["when"]))
+    forecasts = pyfunc.predict(frame)
+    assert forecasts["series_id"].tolist() == ["north"] * 12 + ["south"] * 12  # horizon 12 each
+    assert (forecasts["origin"] == frame["when"].max()).all()
+    assert (forecasts["timestamp"] - forecasts["origin"] == pd.to_timedelta(forecasts["step"], unit="h")).all()
+
     # `make run`'s first step finds the production version and trains nothing.
     proc = run_cli("ensure-production", "--config", str(cfg), cwd=tmp_path)
     assert proc.returncode == 0 and "loadcast@production is version 1; nothing to train" in proc.stdout

@@ -29,4 +29,4 @@ def test_the_example_streams_a_csv_through_the_production_model(mlflow_store, ti
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "after 100 observations" in proc.stdout and "point" in proc.stdout
     last = dt.datetime.fromtimestamp((s.timestamps_ms[-1] + 1_800_000) / 1000, dt.UTC)
-    assert f"{last:%Y-%m-%d %H:%M}  median" in proc.stdout  # the first forecast step is one freq ahead
+    assert f"{last:%Y-%m-%d %H:%M}  point" in proc.stdout  # the first forecast step is one freq ahead

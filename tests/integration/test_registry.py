@@ -81,3 +81,34 @@ def test_no_version_is_promoted_unless_it_beats_the_best_baseline(mlflow_store, 
     v2 = register_model_dir(mlflow_store, d, mase=0.84, baseline_mase=0.85)
     assert not promote("forecaster", margin=0.05).promoted  # 0.84 is not below 0.95 x 0.85
     assert promote("forecaster").promoted and alias_of("production") == v2
+
+
+def test_mlflow_pyfunc_runs_the_registered_step_graph_at_any_batch_size(mlflow_store, tiny_model_dir):
+    """The version's signature is the graph's: each tensor's batch axis is -1 wherever the graph has
+    it (h, c [L, -1, H]; lags [-1, S]), so MLflow's own loader takes batch 1, 3 and 64."""
+    model_dir = tiny_model_dir("lstm", covariates=("temperature", "workday"))
+    register_model_dir(mlflow_store, model_dir, alias="production")
+    model = mlflow.pyfunc.load_model("models:/forecaster@production")
+    step = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    graph = {node.name: node.shape for node in [*step.get_inputs(), *step.get_outputs()]}
+    sig = model.metadata.signature
+    specs = {s.name: s.shape for s in [*sig.inputs.inputs, *sig.outputs.inputs]}
+    assert specs == {name: tuple(d if isinstance(d, int) else -1 for d in shape) for name, shape in graph.items()}
+    assert specs["h"] == (2, -1, 16) and specs["lags"] == (-1, 48) and specs["covariates"] == (-1, 2)
+
+    rng = np.random.default_rng(3)
+    for batch in (1, 3, 64):
+        series = [synthetic_series(n=1, seed=k, covariates=2) for k in range(batch)]
+        later = rng.integers(0, 100, batch) * 1_800_000  # each series at its own time of day
+        feeds = {
+            "values": np.concatenate([s.values for s in series]),
+            "timestamps_ms": np.concatenate([s.timestamps_ms for s in series]) + later,
+            "covariates": np.concatenate([s.covariates for s in series]),
+            **zero_state_feeds(step, batch),
+        }
+        got = model.predict(feeds)
+        want = dict(zip([o.name for o in step.get_outputs()], step.run(None, feeds)))
+        assert set(got) == set(want)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6)
+        assert got["forecast"].shape == (batch, 6, 3) and got["h_out"].shape == (2, batch, 16)
