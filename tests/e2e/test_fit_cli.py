@@ -41,7 +41,8 @@ def write_config(path: Path, csv: Path) -> Path:
         f"""
 data: {{source: "{csv}", timestamp_col: when, target_col: load_kw, series_col: site, covariate_cols: [temp_c], freq: 1h}}
 model: {{cell: gru, hidden_size: 32, num_layers: 1, horizon: 12, quantiles: [0.1, 0.5, 0.9]}}
-train: {{window: 96, stride: 2, batch_size: 32, max_epochs: 12, lr: 0.005, clip_norm: 1.0, patience: 3, seed: 1}}
+train: {{window: 96, stride: 2, batch_size: 32, max_epochs: 12, max_minutes: 30, lr: 0.005, clip_norm: 1.0, patience: 3,
+        seed: 1}}
 eval: {{season: 24, test_fraction: 0.2}}
 mlflow: {{experiment: e2e, registered_model: loadcast}}
 """
