@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         parser().error(str(exc))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per event in logs
     logging.getLogger("serving").info("event=config %s", config)
-    from serving.server import serve  # after logging is set up: importing stubs may regenerate them
+    from serving.server import serve  # here: --help and flag errors need neither gRPC nor the stubs
 
     return asyncio.run(serve(config))
 

@@ -94,8 +94,3 @@ def grpc_status(exc: BaseException, ref: str) -> tuple[grpc.StatusCode, str]:
         if code is not None:
             return code, str(exc)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(ref=ref)
-
-
-def is_client_error(exc: BaseException) -> bool:
-    """True when the exception maps to a status the client caused or can act on (not a bug)."""
-    return any(cls in _GRPC_CODES for cls in type(exc).__mro__)
