@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -42,12 +41,6 @@ _chain = itertools.chain.from_iterable
 # here, 86-104 with 32. Larger batches (many series per message) go to the
 # executor, where their ORT call overlaps parsing and encoding on the loop.
 INLINE_MAX_ROWS = 64
-# After handing a batch to the executor thread, the loop blocks (GIL released) until that thread
-# has entered the ORT call, at most this long. Otherwise the thread, which needs the GIL to get
-# from its queue into ORT, waits until the loop's next pure-Python stretch (encoding an answer,
-# parsing a request: 100-300 µs) ends. bench/stream.py (a): ratio 0.55, 0.55, 0.55 with the
-# hand-off wait against 0.54, 0.48, 0.55 without, same hour.
-HANDOFF_WAIT_S = 0.002
 
 
 @dataclass
@@ -130,11 +123,10 @@ class StepProcessor:
         if len(rows) <= INLINE_MAX_ROWS:  # a hand-off to the executor thread costs more than this call
             forecast = self._run(rows, epochs, values, ts, cov)
         else:  # ORT releases the GIL: the loop parses and queues the next requests meanwhile
+            # (A wait, GIL released, until the thread had entered ORT was measured and dropped:
+            # bench/stream.py (a) within noise, see docs/benchmarks.md, 2026-12-02.)
             loop = asyncio.get_running_loop()
-            entered = threading.Event()  # see HANDOFF_WAIT_S
-            pending = loop.run_in_executor(self._executor, self._entered_run, entered, rows, epochs, values, ts, cov)
-            entered.wait(HANDOFF_WAIT_S)
-            forecast = await pending
+            forecast = await loop.run_in_executor(self._executor, self._run, rows, epochs, values, ts, cov)
         if self._observe is not None:
             self._observe(len(rows), time.perf_counter() - started)
         steps = arena.record_steps(rows, epochs, ts, time.monotonic())
@@ -155,11 +147,6 @@ class StepProcessor:
                 results[i] = [ForecastGroup(chunk.index, batch, offset)]
                 offset += len(chunk.series_ids)
         return results
-
-    def _entered_run(self, entered: threading.Event, *args: np.ndarray) -> np.ndarray:
-        """_run on the executor thread, telling the waiting loop it got there."""
-        entered.set()
-        return self._run(*args)
 
     def _run(
         self, rows: np.ndarray, epochs: np.ndarray, values: np.ndarray, ts: np.ndarray, cov: np.ndarray
