@@ -61,7 +61,12 @@ class ModelContractError(ServingError):
 
 
 class ModelLoadError(ServingError):
-    """A model could not be fetched, opened or warmed up."""
+    """A model version could not be opened or warmed up."""
+
+
+class RegistryUnavailable(ServingError):
+    """The registry or its artifact store could not be reached, or answered with an error, while
+    resolving an alias or downloading a version: worth retrying (the alias watch backs off)."""
 
 
 class DeviceUnavailable(ServingError):

@@ -118,7 +118,14 @@ class Metrics:
             "forecast_unauthenticated", "RPCs refused for a missing or wrong bearer token", registry=r
         )
         self.swaps = Counter("forecast_model_swaps", "Model versions installed after start-up", registry=r)
-        self.refused = Counter("forecast_model_refused", "Model versions that failed to load or check", registry=r)
+        self.refused = Counter(
+            "forecast_model_refused", "Model versions refused for good: contract or warm-up failed", registry=r
+        )
+        self.watch_failures = Counter(
+            "forecast_model_watch_failures",
+            "Alias checks that could not reach the registry or download a version (retried with backoff)",
+            registry=r,
+        )
         self.model_info = Gauge(
             "forecast_model_info",
             "The serving model version (value 1)",
