@@ -136,3 +136,23 @@ def test_after_all_that_the_server_is_serving_and_correct(client, model_dir, cha
     for _ in range(3):
         bystander.step()
     bystander.close()
+
+
+@pytest.mark.parametrize("method", ["StreamForecast", "Forecast", "GetModelInfo"])
+def test_bytes_that_are_not_a_request_get_invalid_argument(method, client, model_dir, channel):
+    # A truncated field, then a series id that is not UTF-8: grpcio itself answers UNKNOWN (unary)
+    # or hands the handler a DecodeError (streams) for these.
+    bystander = Bystander(client, model_dir)
+    bystander.step()
+    path = f"/forecast.v1.Forecaster/{method}"
+    for data in (b"\x0a\x05abc", b"\x0a\x03\x0a\x01\xff"):
+        with pytest.raises(grpc.RpcError) as err:
+            if method == "StreamForecast":
+                list(channel.stream_stream(path, lambda b: b, lambda b: b)(iter([data]), timeout=30))
+            else:
+                channel.unary_unary(path, lambda b: b, lambda b: b)(data, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("cannot parse the request as forecast.v1.")
+    bystander.step()
+    bystander.close()
+    assert health_status(channel) == SERVING
