@@ -7,8 +7,8 @@ those epochs); checks the rest all at once -- with numpy over the whole batch, a
 problem to its chunk; runs the step graph once on the rows that passed (gather state rows ->
 run -> scatter `h_out`/`c_out` back, on the event loop for small batches, else on the version's
 executor thread); advances the series' bookkeeping; and gives every chunk its slice of one
-shared StepBatch. A chunk with bad input gets its own exception and is left out; the other
-chunks in the batch are unaffected.
+shared StepBatch. A chunk with bad input gets its own exception and is left out; so does one
+whose forecast came out non-finite; the other chunks in the batch are unaffected.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class StepProcessor:
     ) -> None:
         self._step, self._arena, self._spec, self._version = step, arena, spec, version
         self._executor, self._max, self._observe = executor, max_batch_size, observe
+        self._max_ts = validation.max_timestamp_ms(spec.horizon, spec.freq_ms)
 
     async def __call__(self, chunks: list[StepChunk]) -> list[list[ForecastGroup] | ServingError]:
         arena = self._arena
@@ -107,8 +108,9 @@ class StepProcessor:
         flat_cov = np.fromiter(_chain(_chain(c.covariates for c in chunks)), np.float32, int(counts.sum()))
 
         errors = validation.check_batch(
-            chunks, sizes, values, ts, arena.last_ts[rows], counts, flat_cov, spec.num_covariates, spec.covariates
-        )
+            chunks, sizes, values, ts, arena.last_ts[rows], counts, flat_cov,
+            spec.num_covariates, spec.covariates, self._max_ts,
+        )  # fmt: skip
         results: list[list[ForecastGroup] | ServingError] = list(errors)
         if any(e is not None for e in errors):  # leave the refused chunks out of the ORT call
             keep_rows = np.repeat([e is None for e in errors], sizes)
@@ -140,11 +142,14 @@ class StepProcessor:
             quantiles=spec.quantiles,
             point_index=spec.point_index,
         )
-        offset, done = 0, iter(chunks)
+        # A chunk whose step overflowed is refused like bad input; its stream ends on the error and
+        # frees its series, so the state the step wrote is never used.
+        overflowed = validation.check_forecasts(chunks, [len(c.series_ids) for c in chunks], forecast)
+        offset, done = 0, iter(zip(chunks, overflowed))
         for i, error in enumerate(errors):
             if error is None:
-                chunk = next(done)
-                results[i] = [ForecastGroup(chunk.index, batch, offset)]
+                chunk, failed = next(done)
+                results[i] = failed if failed is not None else [ForecastGroup(chunk.index, batch, offset)]
                 offset += len(chunk.series_ids)
         return results
 
