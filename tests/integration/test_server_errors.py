@@ -77,6 +77,16 @@ CASES = {
         "INVALID_ARGUMENT",
         r"observation 0 \(series 'bad'\): 1 covariates given, the model takes none",
     ),
+    "a value the model overflows on": (
+        [[obs("ok"), obs(value=1e20)]],
+        "INVALID_ARGUMENT",
+        r"observation 1 \(series 'bad'\): the model's forecast is not finite",
+    ),
+    "a timestamp whose forecast times leave int64": (
+        [[obs(timestamp_ms=2**63 - 1)]],
+        "INVALID_ARGUMENT",
+        r"observation 0 \(series 'bad'\): timestamp_ms 9223372036854775807 is out of range",
+    ),
     "unknown model": (
         [[obs()]],
         "NOT_FOUND",
