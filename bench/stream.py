@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,21 +69,29 @@ def default_model_dir() -> Path:
 
 
 class Process:
+    """A Python subprocess, ready once a line of its output matches `ready`; its output keeps being
+    read after that (the last 200 lines kept), so a chatty process never blocks on a full pipe."""
+
     def __init__(self, args: list[str], ready: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        self.output: list[str] = []
+        self.output: collections.deque[str] = collections.deque(maxlen=200)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"{args} exited: " + "".join(self.output[-20:]))
+                raise RuntimeError(f"{args} exited: " + "".join(list(self.output)[-20:]))
             self.output.append(line)
             if m := re.search(ready, line):
                 self.match = m
+                threading.Thread(target=self._drain, daemon=True).start()
                 return
         raise RuntimeError(f"{args} not ready in time")
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
 
     def rss_mib(self) -> tuple[float, float]:
         """(current, peak) resident set size in MiB, from /proc."""
