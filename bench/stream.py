@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,21 +69,29 @@ def default_model_dir() -> Path:
 
 
 class Process:
+    """A Python subprocess, ready once a line of its output matches `ready`; its output keeps being
+    read after that (the last 200 lines kept), so a chatty process never blocks on a full pipe."""
+
     def __init__(self, args: list[str], ready: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        self.output: list[str] = []
+        self.output: collections.deque[str] = collections.deque(maxlen=200)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"{args} exited: " + "".join(self.output[-20:]))
+                raise RuntimeError(f"{args} exited: " + "".join(list(self.output)[-20:]))
             self.output.append(line)
             if m := re.search(ready, line):
                 self.match = m
+                threading.Thread(target=self._drain, daemon=True).start()
                 return
         raise RuntimeError(f"{args} not ready in time")
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
 
     def rss_mib(self) -> tuple[float, float]:
         """(current, peak) resident set size in MiB, from /proc."""
@@ -143,9 +153,10 @@ def raw_ort(model_dir: Path, batch: int, seconds: float) -> tuple[float, float]:
         session_options(RuntimeConfig(device="cpu")),
         providers=["CPUExecutionProvider"],
     )
-    meta = session.get_modelmeta().custom_metadata_map
-    shape = (int(meta["num_layers"]), batch, int(meta["hidden_size"]))
-    states = {name: np.zeros(shape, np.float32) for name in (["h", "c"] if meta["cell"] == "lstm" else ["h"])}
+    # Every state tensor the metadata lists (h, c, the lag buffer...), zero, its dynamic axis = batch.
+    names = session.get_modelmeta().custom_metadata_map["state"].split(",")
+    inputs = {i.name: i for i in session.get_inputs()}
+    states = {n: np.zeros([d if isinstance(d, int) else batch for d in inputs[n].shape], np.float32) for n in names}
     rng = np.random.default_rng(0)
     steps, started, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds or steps < 20:

@@ -181,8 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser().error(str(exc))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per event in logs
+    # The alias watch backs off by itself (serving.model_store.retry_delay). mlflow's default of 7
+    # retries with exponential backoff would hold one check ~4 minutes against a registry that is
+    # down; two quick retries (~3 s) still ride out a dropped connection.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     logging.getLogger("serving").info("event=config %s", config)
-    from serving.server import serve  # after logging is set up: importing stubs may regenerate them
+    from serving.server import serve  # here: --help and flag errors need neither gRPC nor the stubs
 
     return asyncio.run(serve(config))
 

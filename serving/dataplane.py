@@ -162,8 +162,9 @@ class DataPlane:
                 f"{cap} (--max-observations-per-request); split it into several requests",
             )
         by_length: dict[int, list[int]] = {}
+        max_ts = validation.max_timestamp_ms(spec.horizon, spec.freq_ms)
         for i, h in enumerate(histories):
-            validation.check_history(h, i, c, self.limits.max_series_id_bytes)
+            validation.check_history(h, i, c, self.limits.max_series_id_bytes, max_ts)
             by_length.setdefault(len(h.values), []).append(i)
 
         groups = []
@@ -177,6 +178,7 @@ class DataPlane:
                     ts = np.stack([h.timestamps_ms for h in hs]).astype(np.int64, copy=False)  # [B, T]
                     cov = np.stack([h.covariates.reshape(t, c) for h in hs]).astype(np.float32, copy=False)
                     forecast = await model.sequence(values, ts, cov)
+                    validation.check_sequence_forecasts(forecast, part, histories)
                     batch = StepBatch(
                         series_ids=[h.series_id for h in hs],
                         timestamps_ms=ts[:, -1],

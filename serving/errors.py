@@ -61,7 +61,12 @@ class ModelContractError(ServingError):
 
 
 class ModelLoadError(ServingError):
-    """A model could not be fetched, opened or warmed up."""
+    """A model version could not be opened or warmed up."""
+
+
+class RegistryUnavailable(ServingError):
+    """The registry or its artifact store could not be reached, or answered with an error, while
+    resolving an alias or downloading a version: worth retrying (the alias watch backs off)."""
 
 
 class DeviceUnavailable(ServingError):
@@ -94,8 +99,3 @@ def grpc_status(exc: BaseException, ref: str) -> tuple[grpc.StatusCode, str]:
         if code is not None:
             return code, str(exc)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(ref=ref)
-
-
-def is_client_error(exc: BaseException) -> bool:
-    """True when the exception maps to a status the client caused or can act on (not a bug)."""
-    return any(cls in _GRPC_CODES for cls in type(exc).__mro__)

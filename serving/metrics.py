@@ -9,7 +9,6 @@ counter and histogram take a lock per update, ~1.7 µs of the three per stream m
 
 from __future__ import annotations
 
-import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -18,8 +17,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-
-log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -121,7 +118,14 @@ class Metrics:
             "forecast_unauthenticated", "RPCs refused for a missing or wrong bearer token", registry=r
         )
         self.swaps = Counter("forecast_model_swaps", "Model versions installed after start-up", registry=r)
-        self.refused = Counter("forecast_model_refused", "Model versions that failed to load or check", registry=r)
+        self.refused = Counter(
+            "forecast_model_refused", "Model versions refused for good: contract or warm-up failed", registry=r
+        )
+        self.watch_failures = Counter(
+            "forecast_model_watch_failures",
+            "Alias checks that could not reach the registry or download a version (retried with backoff)",
+            registry=r,
+        )
         self.model_info = Gauge(
             "forecast_model_info",
             "The serving model version (value 1)",

@@ -50,7 +50,7 @@ class ForecastServer:
         self.models = ModelStore(
             config.source, config.runtime, config.batch, config.state,
             observe_batch=self.metrics.observe_batch, on_change=self._model_changed,
-            on_refused=lambda version: self.metrics.refused.inc(),
+            on_refused=lambda version: self.metrics.refused.inc(), on_watch_failure=self.metrics.watch_failures.inc,
         )  # fmt: skip
         self.plane = DataPlane(self.models, config.state, self.metrics, config.limits)
         self.servicer = ForecasterServicer(self.plane, self.metrics)

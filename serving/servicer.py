@@ -2,7 +2,9 @@
 
 Responses of Forecast and StreamForecast are written with serving.wire straight to protobuf wire
 bytes (the method handlers below use an identity serializer); requests are parsed by the
-generated classes. Every error leaves through `_abort`, which maps it once (serving.errors).
+generated classes, and bytes that are not a valid request are the client's error
+(INVALID_ARGUMENT), not a bug. Every error leaves through `_abort`, which maps it once
+(serving.errors).
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
 from serving.dataplane import DataPlane
 from serving.domain import History, Observations
-from serving.errors import ServingError, grpc_status
+from serving.errors import InvalidInput, ServingError, grpc_status
 from serving.metrics import Metrics
 from serving.proto import SERVICE_NAME, pb
 from serving.sessions import StreamSession
@@ -30,6 +33,28 @@ log = logging.getLogger(__name__)
 PIPELINE_MIN_OBSERVATIONS = 32
 PIPELINE_DEPTH = 2  # requests of one stream queued behind the one being answered
 DRAINING_MESSAGE = "server is shutting down; reconnect (series state on this server is gone)"
+
+
+def parser(cls: type[Message]) -> Callable[[bytes], Message]:
+    """Request bytes -> `cls`, or InvalidInput saying they are not one (a malformed message,
+    invalid UTF-8 in a string). grpcio answers a deserializer's exception with UNKNOWN or, inside
+    a stream, hands it to the handler, so the handlers parse with this themselves."""
+    name = cls.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message:
+        try:
+            return cls.FromString(data)
+        except DecodeError:
+            raise InvalidInput(
+                f"cannot parse the request as {name} ({len(data)} bytes): not protobuf wire format of that "
+                "message, or a string field that is not valid UTF-8"
+            ) from None
+
+    return parse
+
+
+parse_forecast_request = parser(pb.ForecastRequest)
+parse_model_info_request = parser(pb.GetModelInfoRequest)
 
 
 def observations_from(request: pb.StreamRequest) -> Observations:
@@ -78,9 +103,10 @@ class ForecasterServicer:
         self._metrics.requests.labels(rpc, code.name).inc()
         await context.abort(code, message)
 
-    async def Forecast(self, request: pb.ForecastRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def Forecast(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
         try:
+            request = parse_forecast_request(data)
             groups = await self._plane.forecast(histories_from(request), request.model)
         except Exception as exc:
             await self._abort(context, "Forecast", exc)
@@ -200,9 +226,9 @@ class ForecasterServicer:
         for task in list(self._idle):
             task.cancel()
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModelInfo(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
-            d = self._plane.describe(request.model)
+            d = self._plane.describe(parse_model_info_request(data).model)
         except Exception as exc:
             await self._abort(context, "GetModelInfo", exc)
         self._metrics.requests.labels("GetModelInfo", "OK").inc()
@@ -221,18 +247,21 @@ def _identity(data: bytes) -> bytes:
 
 
 def forecaster_handler(servicer: ForecasterServicer) -> grpc.GenericRpcHandler:
-    """The service's method handlers; Forecast/StreamForecast answers are pre-encoded bytes."""
+    """The service's method handlers; Forecast/StreamForecast answers are pre-encoded bytes.
+
+    Unary requests reach their handlers as bytes, parsed there (an exception in a unary
+    deserializer never reaches the handler: grpcio answers UNKNOWN). A stream's requests are
+    parsed as they are read, inside the handler, where a failure is a client error like any other.
+    """
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
-            "Forecast": grpc.unary_unary_rpc_method_handler(
-                servicer.Forecast, pb.ForecastRequest.FromString, _identity
-            ),
+            "Forecast": grpc.unary_unary_rpc_method_handler(servicer.Forecast, _identity, _identity),
             "StreamForecast": grpc.stream_stream_rpc_method_handler(
-                servicer.StreamForecast, pb.StreamRequest.FromString, _identity
+                servicer.StreamForecast, parser(pb.StreamRequest), _identity
             ),
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-                servicer.GetModelInfo, pb.GetModelInfoRequest.FromString, pb.ModelInfo.SerializeToString
+                servicer.GetModelInfo, _identity, pb.ModelInfo.SerializeToString
             ),
         },
     )

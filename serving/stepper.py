@@ -7,15 +7,14 @@ those epochs); checks the rest all at once -- with numpy over the whole batch, a
 problem to its chunk; runs the step graph once on the rows that passed (gather state rows ->
 run -> scatter `h_out`/`c_out` back, on the event loop for small batches, else on the version's
 executor thread); advances the series' bookkeeping; and gives every chunk its slice of one
-shared StepBatch. A chunk with bad input gets its own exception and is left out; the other
-chunks in the batch are unaffected.
+shared StepBatch. A chunk with bad input gets its own exception and is left out; so does one
+whose forecast came out non-finite; the other chunks in the batch are unaffected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -42,12 +41,6 @@ _chain = itertools.chain.from_iterable
 # here, 86-104 with 32. Larger batches (many series per message) go to the
 # executor, where their ORT call overlaps parsing and encoding on the loop.
 INLINE_MAX_ROWS = 64
-# After handing a batch to the executor thread, the loop blocks (GIL released) until that thread
-# has entered the ORT call, at most this long. Otherwise the thread, which needs the GIL to get
-# from its queue into ORT, waits until the loop's next pure-Python stretch (encoding an answer,
-# parsing a request: 100-300 µs) ends. bench/stream.py (a): ratio 0.55, 0.55, 0.55 with the
-# hand-off wait against 0.54, 0.48, 0.55 without, same hour.
-HANDOFF_WAIT_S = 0.002
 
 
 @dataclass
@@ -77,6 +70,7 @@ class StepProcessor:
     ) -> None:
         self._step, self._arena, self._spec, self._version = step, arena, spec, version
         self._executor, self._max, self._observe = executor, max_batch_size, observe
+        self._max_ts = validation.max_timestamp_ms(spec.horizon, spec.freq_ms)
 
     async def __call__(self, chunks: list[StepChunk]) -> list[list[ForecastGroup] | ServingError]:
         arena = self._arena
@@ -114,8 +108,9 @@ class StepProcessor:
         flat_cov = np.fromiter(_chain(_chain(c.covariates for c in chunks)), np.float32, int(counts.sum()))
 
         errors = validation.check_batch(
-            chunks, sizes, values, ts, arena.last_ts[rows], counts, flat_cov, spec.num_covariates, spec.covariates
-        )
+            chunks, sizes, values, ts, arena.last_ts[rows], counts, flat_cov,
+            spec.num_covariates, spec.covariates, self._max_ts,
+        )  # fmt: skip
         results: list[list[ForecastGroup] | ServingError] = list(errors)
         if any(e is not None for e in errors):  # leave the refused chunks out of the ORT call
             keep_rows = np.repeat([e is None for e in errors], sizes)
@@ -130,11 +125,10 @@ class StepProcessor:
         if len(rows) <= INLINE_MAX_ROWS:  # a hand-off to the executor thread costs more than this call
             forecast = self._run(rows, epochs, values, ts, cov)
         else:  # ORT releases the GIL: the loop parses and queues the next requests meanwhile
+            # (A wait, GIL released, until the thread had entered ORT was measured and dropped:
+            # bench/stream.py (a) within noise, see docs/benchmarks.md, 2026-12-02.)
             loop = asyncio.get_running_loop()
-            entered = threading.Event()  # see HANDOFF_WAIT_S
-            pending = loop.run_in_executor(self._executor, self._entered_run, entered, rows, epochs, values, ts, cov)
-            entered.wait(HANDOFF_WAIT_S)
-            forecast = await pending
+            forecast = await loop.run_in_executor(self._executor, self._run, rows, epochs, values, ts, cov)
         if self._observe is not None:
             self._observe(len(rows), time.perf_counter() - started)
         steps = arena.record_steps(rows, epochs, ts, time.monotonic())
@@ -148,18 +142,16 @@ class StepProcessor:
             quantiles=spec.quantiles,
             point_index=spec.point_index,
         )
-        offset, done = 0, iter(chunks)
+        # A chunk whose step overflowed is refused like bad input; its stream ends on the error and
+        # frees its series, so the state the step wrote is never used.
+        overflowed = validation.check_forecasts(chunks, [len(c.series_ids) for c in chunks], forecast)
+        offset, done = 0, iter(zip(chunks, overflowed))
         for i, error in enumerate(errors):
             if error is None:
-                chunk = next(done)
-                results[i] = [ForecastGroup(chunk.index, batch, offset)]
+                chunk, failed = next(done)
+                results[i] = failed if failed is not None else [ForecastGroup(chunk.index, batch, offset)]
                 offset += len(chunk.series_ids)
         return results
-
-    def _entered_run(self, entered: threading.Event, *args: np.ndarray) -> np.ndarray:
-        """_run on the executor thread, telling the waiting loop it got there."""
-        entered.set()
-        return self._run(*args)
 
     def _run(
         self, rows: np.ndarray, epochs: np.ndarray, values: np.ndarray, ts: np.ndarray, cov: np.ndarray
