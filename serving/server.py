@@ -146,7 +146,7 @@ class ForecastServer:
         """Drain: NOT_SERVING, refuse new RPCs, let in-flight ones finish (up to grace), clean up."""
         grace = self.config.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        self.servicer.drain()
+        self.plane.drain()
         await self.grpc.stop(grace)
         for task in [*self._background, self._loading]:
             if task is not None and not task.done():

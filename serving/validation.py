@@ -19,15 +19,20 @@ from serving.errors import InvalidInput, SeriesIdTooLong
 SHOWN_ID_CHARS = 40  # a series id quoted in a message is cut to this many characters
 
 
-def shown(series_id: str) -> str:
-    """A series id for a message: quoted, and cut short (with its size) when it is long."""
-    if len(series_id) <= SHOWN_ID_CHARS:
+# How a chunk's kind (serving.stepper.StepChunk.kind) names its positions and ids in messages.
+_NAMES = {"stream": ("observation", "series"), "sequence": ("step", "sequence")}
+
+
+def shown(series_id: str | int) -> str:
+    """A series id for a message: quoted (a sequence's int id as is), and cut short (with its
+    size) when it is long."""
+    if not isinstance(series_id, str) or len(series_id) <= SHOWN_ID_CHARS:
         return repr(series_id)
     return f"{series_id[:SHOWN_ID_CHARS]!r}... ({len(series_id.encode('utf-8', 'surrogatepass'))} bytes)"
 
 
-def where(index: int, series_id: str, what: str = "observation") -> str:
-    return f"{what} {index} (series {shown(series_id)})"
+def where(index: int, series_id: str | int, what: str = "observation", noun: str = "series") -> str:
+    return f"{what} {index} ({noun} {shown(series_id)})"
 
 
 def _first(mask: np.ndarray) -> int:
@@ -75,7 +80,7 @@ def check_batch(
     num_covariates: int,
     covariate_names: Sequence[str],
 ) -> list[InvalidInput | None]:
-    """Check B observations from several requests ("chunks", each with .index and .series_ids).
+    """Check B observations from several requests ("chunks", each with .index, .series_ids, .kind).
 
     values float32 [B], timestamps_ms int64 [B], last_ts int64 [B] (each series' previous
     timestamp, int64 min for new series), counts int64 [B] covariates per observation, flat_cov
@@ -93,7 +98,8 @@ def check_batch(
             if errors[k] is None:
                 j = row - int(starts[k])
                 chunk = chunks[k]
-                errors[k] = InvalidInput(f"{where(int(chunk.index[j]), chunk.series_ids[j])}: {message(row, j)}")
+                at = where(int(chunk.index[j]), chunk.series_ids[j], *_NAMES[chunk.kind])
+                errors[k] = InvalidInput(f"{at}: {message(row, j)}")
 
     wanted = f"{num_covariates} ({', '.join(covariate_names)})" if num_covariates else "none"
     blame(counts != num_covariates, lambda r, _: f"{counts[r]} covariates given, the model takes {wanted}")
