@@ -23,6 +23,7 @@ import numpy as np
 from serving import validation
 from serving.admission import Admission
 from serving.config import LimitsConfig, StateConfig
+from serving.contract import ModelSpec
 from serving.domain import ForecastGroup, History, ModelDescription, SequenceSteps, StepBatch
 from serving.errors import ModelNotReady, UnknownModel
 from serving.metrics import Metrics
@@ -57,6 +58,12 @@ class DataPlane:
     @property
     def draining(self) -> bool:
         return self.streams.draining
+
+    @property
+    def spec(self) -> ModelSpec | None:
+        """The served version's spec (None before a model is loaded), for transports' messages."""
+        current = self.models.current
+        return current.spec if current is not None else None
 
     # -- streams and sequences ------------------------------------------------------------------
 

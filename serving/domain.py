@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from serving.contract import ModelSpec
+from serving.contract import ModelSpec, StateTensor
 
 
 @dataclass
@@ -87,13 +87,15 @@ class ForecastGroup:
 
 @dataclass(frozen=True)
 class ModelDescription:
-    """What GetModelInfo reports: the served version and its graphs' spec."""
+    """What model-info calls report: the served version, its graphs' spec and state tensors."""
 
     name: str
     version: str
     execution_provider: str
     spec: ModelSpec
     state_bytes_per_series: int  # the state tensors' bytes for one series
+    state: tuple[StateTensor, ...] = ()  # the recurrent state the server keeps per series
+    max_batch_size: int = 0  # rows per ORT call
 
 
 # What a stream request asks for: steps of the stream's own series, steps of one server-wide

@@ -128,7 +128,9 @@ class LoadedModel:
 
     def describe(self) -> ModelDescription:
         state_bytes = sum(t.bytes_per_series() for t in self.ort.state)
-        return ModelDescription(self.name, self.version, self.provider, self.spec, state_bytes)
+        return ModelDescription(
+            self.name, self.version, self.provider, self.spec, state_bytes, tuple(self.ort.state), self.max_batch_size
+        )
 
     async def sequence(self, values: np.ndarray, timestamps_ms: np.ndarray, covariates: np.ndarray) -> np.ndarray:
         """Run the sequence graph on [B, T] histories from zero state -> forecast [B, horizon, Q].

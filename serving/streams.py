@@ -105,12 +105,7 @@ class Stream:
         except Exception as exc:  # a transport's conversion that raises: refused in its place
             request = Request(exc)
         work = request.work
-        if isinstance(work, Observations | SequenceSteps):
-            size = len(work)
-        elif isinstance(work, Exception):
-            size = 0
-        else:  # histories
-            size = sum(len(h.values) for h in work)
+        size = 0 if isinstance(work, Exception) else len(work)  # observations, steps or histories
         return self.submit(request), started, size, request.tag
 
     async def answers(self, requests: AsyncIterator[T], parse: Callable[[T], Request]) -> AsyncIterator[Answer]:
