@@ -15,6 +15,7 @@ from zero state (the same batched path as forecast.v1 Forecast). With one (an in
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,9 @@ PLATFORM, BACKEND = "onnxruntime_onnx", "onnxruntime"  # what Triton reports for
 # statistics, repository, trace, logging.
 EXTENSIONS = ("model_configuration", "sequence", "parameters")
 SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+_ONE_STEP = [1, 1]  # the shape of one step of one sequence
+_FP32, _INT64 = struct.Struct("<f"), struct.Struct("<q")
+_NO_COVARIATES = ((),)
 
 
 @dataclass
@@ -66,7 +70,9 @@ def outputs_of(spec: ModelSpec) -> list[TensorInfo]:
     return [TensorInfo(FORECAST, "FP32", (-1, spec.horizon, len(spec.quantiles)))]
 
 
-def _describe_inputs(spec: ModelSpec) -> str:
+def _describe_inputs(spec: ModelSpec | None) -> str:
+    if spec is None:
+        return ", ".join(INPUT_TYPES)
     return ", ".join(f"{i.name} ({i.datatype} {_dims(i.shape)})" for i in inputs_of(spec))
 
 
@@ -75,20 +81,19 @@ def _dims(shape: Sequence[int]) -> str:
     return "[" + ", ".join(next(names) if d == -1 else str(d) for d in shape) + "]"
 
 
-def sequence_key(value: Any) -> int | str | None:
-    """A sequence_id parameter's value as the sequence table's key; None for no sequence."""
-    if value is None or value == 0 or value == "":
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise InvalidInput(f"parameter sequence_id is {value!r}; it must be an integer or a string")
-    return value
-
-
-def _flag(parameters: Mapping[str, Any], name: str) -> bool:
-    value = parameters.get(name, False)
-    if not isinstance(value, bool):
-        raise InvalidInput(f"parameter {name} is {value!r}; it must be a boolean")
-    return value
+def sequence_parameters(sequence_id: Any, start: Any, end: Any) -> tuple[int | str | None, bool, bool]:
+    """The sequence parameters' values as (the sequence table's key or None, start, end)."""
+    for name, flag in (("sequence_start", start), ("sequence_end", end)):
+        if flag is not None and not isinstance(flag, bool):
+            raise InvalidInput(f"parameter {name} is {flag!r}; it must be a boolean")
+    start, end = bool(start), bool(end)
+    if sequence_id is None or sequence_id == 0 or sequence_id == "":  # none, as in Triton
+        if start or end:
+            raise InvalidInput("parameters sequence_start and sequence_end need a sequence_id")
+        return None, False, False
+    if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str):
+        raise InvalidInput(f"parameter sequence_id is {sequence_id!r}; it must be an integer or a string")
+    return sequence_id, start, end
 
 
 def _array(t: Tensor, count: int) -> np.ndarray:
@@ -113,28 +118,44 @@ def _array(t: Tensor, count: int) -> np.ndarray:
 
 
 def work_from(
-    tensors: Sequence[Tensor], parameters: Mapping[str, Any], outputs: Sequence[str], spec: ModelSpec | None = None
+    tensors: Sequence[Tensor],
+    sequence: tuple[int | str | None, bool, bool] = (None, False, False),
+    outputs: Sequence[str] = (),
+    spec: ModelSpec | None = None,
 ) -> Work:
-    """The data plane's work for one inference request: SequenceSteps with a sequence_id, else
-    the B histories. Raises InvalidInput (or Unsupported) naming the input or parameter."""
+    """The data plane's work for one inference request: SequenceSteps for a sequence (key,
+    start, end from `sequence_parameters`), else the B histories. Raises InvalidInput (or
+    Unsupported) naming the input or parameter; `spec` only makes the messages more precise."""
     for name in outputs:
         if name != FORECAST:
             raise InvalidInput(f"unknown output {name!r}: the model has one output, {FORECAST!r}")
     by_name: dict[str, Tensor] = {}
     for t in tensors:
-        if t.name not in INPUT_TYPES:
-            wanted = _describe_inputs(spec) if spec is not None else ", ".join(INPUT_TYPES)
-            raise InvalidInput(f"unknown input {t.name!r}: the model takes {wanted}")
+        wanted = INPUT_TYPES.get(t.name)
+        if wanted is None:
+            raise InvalidInput(f"unknown input {t.name!r}: the model takes {_describe_inputs(spec)}")
+        if t.datatype != wanted:
+            raise InvalidInput(f"input {t.name!r} has datatype {t.datatype}; the model takes {wanted}")
         if t.name in by_name:
             raise InvalidInput(f"input {t.name!r} is given twice")
-        if t.datatype != INPUT_TYPES[t.name]:
-            raise InvalidInput(f"input {t.name!r} has datatype {t.datatype}; the model takes {INPUT_TYPES[t.name]}")
         by_name[t.name] = t
-    for name in (VALUES, TIMESTAMPS):
-        if name not in by_name:
-            raise InvalidInput(f"input {name!r} is missing; the model takes {_describe_inputs_or_names(spec)}")
-    values, stamps, cov = by_name[VALUES], by_name[TIMESTAMPS], by_name.get(COVARIATES)
+    values, stamps, cov = by_name.get(VALUES), by_name.get(TIMESTAMPS), by_name.get(COVARIATES)
+    if values is None or stamps is None:
+        missing = VALUES if values is None else TIMESTAMPS
+        raise InvalidInput(f"input {missing!r} is missing; the model takes {_describe_inputs(spec)}")
+    key, start, end = sequence
     shape = list(values.shape)
+    if shape == _ONE_STEP and cov is None and key is not None:
+        v, ts = values.data, stamps.data
+        if (
+            isinstance(v, bytes)
+            and isinstance(ts, bytes)
+            and len(v) == 4
+            and len(ts) == 8
+            and list(stamps.shape) == _ONE_STEP
+        ):
+            # One step of one sequence in raw contents, a stream's usual request: no numpy.
+            return SequenceSteps(key, _INT64.unpack(ts), _FP32.unpack(v), _NO_COVARIATES, start, end)
     if len(shape) != 2 or min(shape) < 1:
         raise InvalidInput(f"input 'values' has shape {shape}; it must be [B, T] with B, T >= 1")
     if list(stamps.shape) != shape:
@@ -142,15 +163,11 @@ def work_from(
     b, t = shape
     if cov is not None and (len(cov.shape) != 3 or list(cov.shape[:2]) != shape or cov.shape[2] < 0):
         raise InvalidInput(f"input 'covariates' has shape {list(cov.shape)}; it must be [{b}, {t}, C]")
-    key = sequence_key(parameters.get("sequence_id"))
-    start, end = _flag(parameters, "sequence_start"), _flag(parameters, "sequence_end")
     v = _array(values, b * t)
     ts = _array(stamps, b * t)
     c = int(cov.shape[2]) if cov is not None else 0
     covariates = _array(cov, b * t * c) if cov is not None else np.zeros(0, np.float32)
     if key is None:
-        if start or end:
-            raise InvalidInput("parameters sequence_start and sequence_end need a sequence_id")
         v, ts, covariates = v.reshape(b, t), ts.reshape(b, t), covariates.reshape(b, t * c)
         return [History(f"row {i}", ts[i], v[i], covariates[i]) for i in range(b)]
     if b != 1:
@@ -159,12 +176,8 @@ def work_from(
     return SequenceSteps(key, ts.tolist(), v.tolist(), rows, start=start, end=end)
 
 
-def _describe_inputs_or_names(spec: ModelSpec | None) -> str:
-    return _describe_inputs(spec) if spec is not None else ", ".join(INPUT_TYPES)
-
-
 def refuse_output_parameters(name: str, parameters: Mapping[str, Any]) -> None:
-    """Output parameters ask for features not served here (classification, shared memory)."""
+    """Tensor parameters that ask for features not served here (classification, shared memory)."""
     for key in parameters:
         if key == "classification" or key.startswith("shared_memory"):
             raise Unsupported(f"output {name!r}: parameter {key!r} is not supported by this server")

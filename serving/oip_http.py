@@ -233,7 +233,8 @@ class OipHttp:
         request_id = body.get("id", "")
         name, version = request.match_info["name"], request.match_info.get("version", "")
         tensors = [_tensor(entry, i) for i, entry in enumerate(body["inputs"])]
-        work = oip.work_from(tensors, parameters, _outputs(body), self._plane.spec)
+        sequence = oip.sequence_parameters(*(parameters.get(k) for k in oip.SEQUENCE_PARAMETERS))
+        work = oip.work_from(tensors, sequence, _outputs(body), self._plane.spec)
         if isinstance(work, SequenceSteps):
             groups = await self._plane.step_sequence(work, name, version)
         else:

@@ -28,7 +28,7 @@ from serving.dataplane import DataPlane
 from serving.domain import Answer, Request, SequenceSteps
 from serving.errors import InvalidInput, ServingError, Unsupported, grpc_status
 from serving.metrics import Metrics
-from serving.oip_wire import infer_response, stream_error, stream_response
+from serving.oip_wire import infer_response, stream_error
 from serving.proto import OIP_SERVICE_NAME, oip_config
 from serving.proto import oip as pb
 
@@ -41,33 +41,65 @@ _CONTENTS = {"FP32": "fp32_contents", "INT64": "int64_contents"}
 _CONFIG_TYPES = {"FP32": oip_config.TYPE_FP32, "INT64": oip_config.TYPE_INT64}
 
 
-def _parameter(p: pb.InferParameter) -> Any:
+_NO_SEQUENCE = (None, False, False)
+
+
+def _parameter(p: pb.InferParameter | None) -> Any:
+    if p is None:
+        return None
     which = p.WhichOneof("parameter_choice")
     return getattr(p, which) if which is not None else None
 
 
+def _flag(p: pb.InferParameter | None) -> Any:
+    """A boolean parameter's value (any other kind of value as is, for the refusal's message)."""
+    if p is None:
+        return None
+    return p.bool_param if p.HasField("bool_param") else _parameter(p)
+
+
 def request_from(m: pb.ModelInferRequest, spec: Any = None) -> Request:
     """The domain request of a ModelInferRequest; a request that cannot be converted carries
-    the error that refused it (answered in its place). The tag is (request id, model name)."""
+    the error that refused it (answered in its place). The tag is (request id, model name).
+
+    Field access on the generated classes is the cost here (a ModelStreamInfer message of one
+    observation pays it every time), so the usual request -- raw contents, one per input -- reads
+    each field once and nothing it does not need.
+    """
     try:
-        parameters = {k: _parameter(v) for k, v in m.parameters.items()} if m.parameters else {}
-        raw = m.raw_input_contents
-        if raw and len(raw) != len(m.inputs):
-            raise InvalidInput(f"{len(raw)} raw_input_contents for {len(m.inputs)} inputs; give one per input")
-        tensors = []
-        for i, x in enumerate(m.inputs):
-            if x.parameters:
-                oip.refuse_output_parameters(x.name, x.parameters)  # shared memory on an input
-            data = raw[i] if raw else getattr(x.contents, _CONTENTS.get(x.datatype, "bytes_contents"))
-            tensors.append(oip.Tensor(x.name, x.datatype, x.shape, data))
+        sequence = _NO_SEQUENCE
+        params = m.parameters
+        if params:  # only these parameters mean anything here; others (priority, timeout) are ignored
+            get = params.get
+            sequence = oip.sequence_parameters(
+                _parameter(get("sequence_id")), _flag(get("sequence_start")), _flag(get("sequence_end"))
+            )
+        raw, inputs = m.raw_input_contents, m.inputs
+        if raw and len(raw) == len(inputs):
+            tensors = [oip.Tensor(x.name, x.datatype, x.shape, data) for x, data in zip(inputs, raw)]
+        else:
+            tensors = _typed_tensors(inputs, raw)
         outputs = []
         for o in m.outputs:
             oip.refuse_output_parameters(o.name, o.parameters)
             outputs.append(o.name)
-        work = oip.work_from(tensors, parameters, outputs, spec)
+        work = oip.work_from(tensors, sequence, outputs, spec)
     except ServingError as exc:
         work = exc
     return Request(work, m.model_name, m.model_version, (m.id, m.model_name))
+
+
+def _typed_tensors(inputs: Any, raw: Any) -> list[oip.Tensor]:
+    """Inputs whose data is in their typed `contents` (no raw_input_contents)."""
+    for x in inputs:
+        if x.parameters:
+            oip.refuse_output_parameters(x.name, x.parameters)  # e.g. shared memory for an input
+    if raw:
+        raise InvalidInput(f"{len(raw)} raw_input_contents for {len(inputs)} inputs; give one per input")
+    return [
+        oip.Tensor(x.name, x.datatype, x.shape, getattr(x.contents, _CONTENTS.get(x.datatype, "bytes_contents")))
+        for x in inputs
+    ]
 
 
 class InferenceServicer:
@@ -95,13 +127,13 @@ class InferenceServicer:
         self._metrics.finished(rpc, code.name, PROTOCOL)
         await context.abort(code, message)
 
-    def _answer(self, answer: Answer) -> bytes:
-        """The ModelInferResponse bytes of an answered request."""
+    def _answer(self, answer: Answer, stream: bool = False) -> bytes:
+        """The ModelInferResponse bytes of an answered request (in a ModelStreamInferResponse)."""
         request_id, model_name = answer.tag
         version, forecast = oip.forecast_of(answer.groups)
         return infer_response(
             model_name or self._plane.models.get().name, version, request_id, oip.FORECAST, "FP32",
-            forecast.shape, forecast.tobytes(),
+            forecast.shape, forecast.tobytes(), stream,
         )  # fmt: skip
 
     # -- health and metadata ------------------------------------------------------------------
@@ -191,7 +223,7 @@ class InferenceServicer:
             async with contextlib.aclosing(stream.answers(requests, self._parse)) as answers:
                 async for answer in answers:
                     if answer.error is None:
-                        data = stream_response(self._answer(answer))
+                        data = self._answer(answer, stream=True)
                         observed.inc(answer.size)
                     else:
                         data = self._stream_error(answer)

@@ -58,7 +58,8 @@ def varint(n: int) -> bytes:
 _SMALL = [varint(i) for i in range(1 << 14)]  # lengths and step counts: one lookup, no loop
 
 
-def _varint_of(n: int) -> bytes:
+def varint_of(n: int) -> bytes:
+    """varint(n), from a table for lengths and counts below 16,384."""
     return _SMALL[n] if 0 <= n < 16384 else varint(n)
 
 
@@ -117,7 +118,7 @@ def _paths_layout(horizon: int, quantiles: tuple[float, ...]) -> tuple[np.ndarra
 def _series_id_field(series_id: str) -> bytes:
     """SeriesForecast.series_id (field 1): tag, length, UTF-8 bytes."""
     sid_b = series_id.encode()
-    return b"\x0a" + _varint_of(len(sid_b)) + sid_b
+    return b"\x0a" + varint_of(len(sid_b)) + sid_b
 
 
 class _Prepared(NamedTuple):
@@ -164,7 +165,7 @@ class ForecastEncoder:
             ends = np.cumsum(count.reshape(len(missing), horizon).sum(axis=1)).tolist()
             raw = data.tobytes()
             fields = {
-                t: b"".join((b"\x10", varint(t), b"\x1a", _varint_of(end - start), raw[start:end]))
+                t: b"".join((b"\x10", varint(t), b"\x1a", varint_of(end - start), raw[start:end]))
                 for t, start, end in zip(missing, [0, *ends[:-1]], ends)
             }
             for t in missing:  # through the cache's own path: it may move entries between generations
@@ -213,7 +214,7 @@ class ForecastEncoder:
         for q, (start, end) in zip([batch.point_index, *range(q_count)], spans):
             rows[:, start:end].view("<f4")[:] = batch.forecast[:, :, q]
         version = batch.model_version.encode()
-        tail = b"\x32" + _varint_of(len(version)) + version + b"\x38"  # model_version, steps_seen tag
+        tail = b"\x32" + varint_of(len(version)) + version + b"\x38"  # model_version, steps_seen tag
         return _Prepared(memoryview(rows.tobytes()), width, timing, tail, batch.steps_seen.tolist())
 
     def _row_parts(self, batch: StepBatch, start: int, stop: int) -> list[bytes | memoryview]:
@@ -228,7 +229,7 @@ class ForecastEncoder:
             prepared = self._batches[batch] = self._prepare(batch)
         raw, width, timing, tail, steps_seen = prepared
         base = width + len(tail)
-        v, cache, out = _varint_of, self._heads, []
+        v, cache, out = varint_of, self._heads, []
         heads = cache.recent
         for i in range(start, stop):
             sid = batch.series_ids[i]
