@@ -125,8 +125,7 @@ class Metrics:
             ["held"],
             registry=r,
         )
-        for held in BATCH_HOLDERS:
-            self.step_batches.labels(held)
+        self._held = {held: self.step_batches.labels(held) for held in BATCH_HOLDERS}  # exposed at 0
         self.ort_seconds = Histogram("forecast_ort_step_seconds", "Seconds per step ORT call", buckets=lat, registry=r)
         self.expired = Counter("forecast_series_expired", "Series freed by the idle timeout", registry=r)
         self.limit_refusals = Counter(
@@ -169,7 +168,7 @@ class Metrics:
     def observe_batch(self, rows: int, seconds: float, held: str) -> None:
         self.batch_size.observe(rows)
         self.ort_seconds.observe(seconds)
-        self.step_batches.labels(held).inc()
+        self._held[held].inc()
 
     def set_model(self, name: str, version: str, provider: str) -> None:
         self.model_info.clear()

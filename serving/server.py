@@ -24,7 +24,6 @@ from serving.dataplane import DataPlane
 from serving.errors import ServingError
 from serving.metrics import Metrics
 from serving.model_store import LoadedModel, ModelStore
-from serving.oip_http import OipHttp
 from serving.oip_servicer import InferenceHandler, InferenceServicer
 from serving.proto import OIP_SERVICE_NAME, SERVICE_NAME, oip, pb, reflection_pool
 from serving.security import (
@@ -69,6 +68,8 @@ class ForecastServer:
         self.inference = InferenceServicer(self.plane, self.metrics, __version__)
         self.http = None
         if config.http_port is not None:
+            from serving.oip_http import OipHttp  # aiohttp costs ~13 MiB of RSS: only when asked for
+
             self.http = OipHttp(self.plane, self.metrics, __version__, checker, config.max_receive_message_bytes)
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
