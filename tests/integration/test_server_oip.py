@@ -28,6 +28,7 @@ from tests.serving_support import (
     Stream,
     health_status,
     server_config,
+    wait_for,
 )
 
 MODEL = "forecaster"
@@ -304,3 +305,20 @@ def test_tokens_guard_both_bindings_but_health(model_dir, tmp_path):
         good = urllib.request.Request(base + f"/v2/models/{MODEL}", headers={"Authorization": "Bearer tok-oip"})
         with urllib.request.urlopen(good, timeout=10) as r:
             assert json.loads(r.read())["name"] == MODEL
+
+
+def test_an_idle_sequence_expires_and_must_be_started_again(model_dir):
+    with (
+        RunningServer(server_config(str(model_dir), idle_timeout_s=0.3)) as server,
+        triton.InferenceServerClient(server.target) as client,
+    ):
+        client.infer(MODEL, one_step(0, 3.0), sequence_id=11, sequence_start=True)
+        assert server.metric("forecast_live_sequences") == 1
+        wait_for(lambda: server.metric("forecast_live_sequences") == 0)
+        assert server.metric("forecast_series_expired_total") == 1
+        with pytest.raises(InferenceServerException) as err:
+            client.infer(MODEL, one_step(1, 3.0), sequence_id=11)
+        assert "sequence 11 is not live (never started, ended, or freed after 0.3 s without a request)" in (
+            err.value.message()
+        )
+        client.infer(MODEL, one_step(1, 3.0), sequence_id=11, sequence_start=True)  # started afresh: served
