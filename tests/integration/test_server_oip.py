@@ -13,6 +13,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -72,6 +74,21 @@ def test_health_metadata_and_config(client, oip_server, model_dir):
     assert not client.is_model_ready(MODEL, "7") and not client.is_model_ready("another")
     with grpc.insecure_channel(oip_server.target) as channel:
         assert health_status(channel, "inference.GRPCInferenceService") == SERVING
+        # Reflection describes the service under its canonical file name (from its own pool).
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        asks = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService"),
+        ]
+        listed, found = reflection.ServerReflectionInfo(iter(asks), timeout=10)
+        assert {"inference.GRPCInferenceService", "forecast.v1.Forecaster"} <= {
+            s.name for s in listed.list_services_response.service
+        }
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(f)
+            for f in found.file_descriptor_response.file_descriptor_proto
+        ]
+        assert "inference/grpc_service.proto" in {f.name for f in files}
 
     meta = client.get_model_metadata(MODEL)
     assert (meta.name, meta.platform) == (MODEL, "onnxruntime_onnx")
