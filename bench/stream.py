@@ -26,7 +26,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -196,15 +198,21 @@ async def one_stream(target: str, messages: list[bytes], warmup: int, window: in
 # -- (b) many streams, one observation per message -----------------------------------------------
 
 
-async def many_streams(target: str, streams: int, per_stream: int) -> dict:
-    """Ping-pong on `streams` concurrent streams; messages/s and per-message latency."""
+def one_observation(stream: int, step: int, rng: np.random.Generator) -> bytes:
+    """A StreamRequest of one observation: step `step` of series st{stream}."""
+    return request([f"st{stream}"], step, level(step, 1, rng))
+
+
+async def many_streams(
+    target: str, streams: int, per_stream: int, method_path: str = METHOD, make: Callable = one_observation
+) -> dict:
+    """Ping-pong on `streams` concurrent streams of `method_path`, the messages made by
+    make(stream, step, rng); messages/s and per-message latency."""
     rng = np.random.default_rng(streams)
-    plans = [
-        [request([f"st{k}"], i, level(i, 1, rng)) for i in range(per_stream)] for k in range(streams)
-    ]  # fmt: skip
+    plans = [[make(k, i, rng) for i in range(per_stream)] for k in range(streams)]
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
-        method = channel.stream_stream(METHOD, request_serializer=_identity, response_deserializer=_identity)
+        method = channel.stream_stream(method_path, request_serializer=_identity, response_deserializer=_identity)
         calls = [method() for _ in plans]  # the same calls from warm-up to the end: no set-up cost timed
 
         async def run(call, plan: list[bytes]) -> None:
@@ -230,11 +238,12 @@ async def many_streams(target: str, streams: int, per_stream: int) -> dict:
 STREAMS = (1, 16, 64, 256)
 
 
-def measured(process: Process, target: str, streams: int, total_messages: int) -> dict:
-    """many_streams, plus the server process' CPU time per message (all its threads)."""
+def measured(process: Process, target: str, streams: int, total_messages: int, **how: Any) -> dict:
+    """many_streams (`how`: its method_path and make), plus the server process' CPU time per
+    message (all its threads)."""
     per_stream = max(20, total_messages // streams)
     cpu = process.cpu_seconds()
-    result = asyncio.run(many_streams(target, streams, per_stream))
+    result = asyncio.run(many_streams(target, streams, per_stream, **how))
     result["server_cpu_us_per_msg"] = (process.cpu_seconds() - cpu) / (streams * per_stream) * 1e6
     return result
 

@@ -27,7 +27,10 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 def parser() -> argparse.ArgumentParser:
     d_server, d_batch, d_state, d_rt = ServerConfig(), BatchConfig(), StateConfig(), RuntimeConfig()
     d_limits = LimitsConfig()
-    p = argparse.ArgumentParser(prog="python -m serving", description="Streaming forecast gRPC server.")
+    p = argparse.ArgumentParser(
+        prog="python -m serving",
+        description="Streaming forecast server: forecast.v1 and the Open Inference Protocol over gRPC (and HTTP).",
+    )
     a = p.add_argument
     a(
         "--model-uri",
@@ -55,6 +58,12 @@ def parser() -> argparse.ArgumentParser:
         help="Prometheus port; 0 picks a free one, -1 disables",
     )
     a("--metrics-host", default=None, help="address the metrics endpoint binds (default: the same as --host)")
+    a(
+        "--http-port",
+        type=int,
+        default=-1,
+        help="the Open Inference Protocol's HTTP/REST binding on --host; 0 picks a free port, -1 (default) is off",
+    )
     a("--tls-cert", type=Path, default=None, help="server certificate chain (PEM); with --tls-key: serve TLS")
     a("--tls-key", type=Path, default=None, help="the server certificate's private key (PEM, unencrypted)")
     a(
@@ -143,6 +152,7 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> ServerConf
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=None if args.http_port < 0 else args.http_port,
         max_receive_message_bytes=args.max_message_bytes,
         grace_s=args.grace_s,
         source=ModelSourceConfig(

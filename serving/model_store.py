@@ -145,7 +145,9 @@ class LoadedModel:
 
     def describe(self) -> ModelDescription:
         state_bytes = sum(t.bytes_per_series() for t in self.ort.state)
-        return ModelDescription(self.name, self.version, self.provider, self.spec, state_bytes)
+        return ModelDescription(
+            self.name, self.version, self.provider, self.spec, state_bytes, tuple(self.ort.state), self.max_batch_size
+        )
 
     async def sequence(self, values: np.ndarray, timestamps_ms: np.ndarray, covariates: np.ndarray) -> np.ndarray:
         """Run the sequence graph on [B, T] histories from zero state -> forecast [B, horizon, Q].
@@ -193,13 +195,22 @@ class ModelStore:
 
     # -- lookups used by the data plane ---------------------------------------------------------
 
-    def get(self, name: str = "") -> LoadedModel:
-        """The current version; `name` (if given) must be the served model's name."""
+    def get(self, name: str = "", version: str = "") -> LoadedModel:
+        """The current version; `name` and `version` (if given) must be the served model's.
+
+        Only the current version is served to new requests: retired versions keep stepping the
+        series that started on them, but cannot be asked for.
+        """
         model = self.current
         if model is None:
             raise ModelNotReady("no model is loaded yet; wait for the health check to report SERVING")
         if name and name != model.name:
             raise UnknownModel(f"unknown model {name!r}: this server serves {model.name!r}")
+        if version and version != model.version:
+            raise UnknownModel(
+                f"model {model.name!r} has no version {version!r} served here: this server serves version "
+                f"{model.version!r} (leave the version empty for it)"
+            )
         return model
 
     def loaded(self) -> list[LoadedModel]:

@@ -9,6 +9,11 @@ run -> scatter `h_out`/`c_out` back, on the event loop for small batches, else o
 executor thread); advances the series' bookkeeping; and gives every chunk its slice of one
 shared StepBatch. A chunk with bad input gets its own exception and is left out; so does one
 whose forecast came out non-finite; the other chunks in the batch are unaffected.
+
+A chunk may follow another one (`after`: the previous step of the same sequence, queued by the
+same request): it is refused, unprocessed, when that one was refused, so a request's steps are
+applied as a prefix and never with a hole. The batcher never puts the two in one batch (same
+owner), so the earlier one's outcome is known when the later one's batch is taken.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from serving.state import StateArena
 
 # step(rows [B], epochs [B], values [B], timestamps_ms [B], covariates [B, C]) -> forecast [B, horizon, Q]
 StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-BatchObserver = Callable[[int, float], None]  # (rows in the ORT call, seconds it took)
+# (rows in the ORT call, seconds it took, what the rows were: "stream", "sequence" or "both")
+BatchObserver = Callable[[int, float, str], None]
 
 _chain = itertools.chain.from_iterable
 # Batches up to this many rows run on the event loop thread. Waking the executor thread and
@@ -55,6 +61,8 @@ class StepChunk:
     timestamps_ms: Sequence[int]
     values: Sequence[float]
     covariates: Sequence[Sequence[float]]  # per observation
+    kind: str = "stream"  # whose rows: a stream's series ("stream") or server-wide sequences ("sequence")
+    after: asyncio.Future | None = None  # the chunk that must have succeeded before this one runs
 
 
 class StepProcessor:
@@ -77,12 +85,25 @@ class StepProcessor:
         total = sum(len(c.rows) for c in chunks)
         rows = np.fromiter(_chain(c.rows for c in chunks), np.int64, total)
         epochs = np.fromiter(_chain(c.epochs for c in chunks), np.int64, total)
-        if (arena.epoch[rows] == epochs).all():  # the usual case: one comparison for the batch
+        fresh = (arena.epoch[rows] == epochs).all()  # the usual case: one comparison for the batch
+        gated = [c.after for c in chunks if c.after is not None]
+        if fresh and not (gated and any(map(_refused, gated))):
             return await self._process(chunks, rows, epochs)
         # Some series were freed while their chunk waited (the stream went away): nobody waits
-        # for those chunks, and their rows may already belong to other series.
-        live = [(arena.epoch[np.asarray(c.rows, np.int64)] == np.asarray(c.epochs, np.int64)).all() for c in chunks]
-        kept = [c for c, ok in zip(chunks, live) if ok]
+        # for those chunks, and their rows may already belong to other series. Or a step of a
+        # sequence follows one that was refused.
+        gone = StatePreconditionFailed("the stream's series were freed before this step ran")
+        behind = StatePreconditionFailed("an earlier step of this request was refused")
+
+        def refusal(c: StepChunk) -> ServingError | None:
+            if c.after is not None and _refused(c.after):
+                return behind
+            if not fresh and not (arena.epoch[np.asarray(c.rows, np.int64)] == np.asarray(c.epochs, np.int64)).all():
+                return gone
+            return None
+
+        refusals = [refusal(c) for c in chunks]
+        kept = [c for c, refusal in zip(chunks, refusals) if refusal is None]
         done = iter(
             await self._process(
                 kept,
@@ -92,8 +113,7 @@ class StepProcessor:
             if kept
             else ()
         )
-        gone = StatePreconditionFailed("the stream's series were freed before this step ran")
-        return [next(done) if ok else gone for ok in live]
+        return [next(done) if refusal is None else refusal for refusal in refusals]
 
     async def _process(
         self, chunks: list[StepChunk], rows: np.ndarray, epochs: np.ndarray
@@ -130,7 +150,8 @@ class StepProcessor:
             loop = asyncio.get_running_loop()
             forecast = await loop.run_in_executor(self._executor, self._run, rows, epochs, values, ts, cov)
         if self._observe is not None:
-            self._observe(len(rows), time.perf_counter() - started)
+            kinds = {c.kind for c in chunks}
+            self._observe(len(rows), time.perf_counter() - started, kinds.pop() if len(kinds) == 1 else "both")
         steps = arena.record_steps(rows, epochs, ts, time.monotonic())
         batch = StepBatch(
             series_ids=list(_chain(c.series_ids for c in chunks)),
@@ -165,3 +186,9 @@ class StepProcessor:
             for i in range(0, len(rows), m)
         ]
         return np.concatenate(parts)
+
+
+def _refused(step: asyncio.Future) -> bool:
+    """True unless the step ran and succeeded (a step still pending counts as refused: the batcher
+    keeps one owner's steps in order, so it cannot be, and running after it would break order)."""
+    return not step.done() or step.cancelled() or step.exception() is not None

@@ -30,15 +30,20 @@ def _timestamp_range(max_ts: int) -> str:
     return f"timestamps must be in [{MIN_TIMESTAMP_MS}, {max_ts}] ms, so that the forecast times fit in int64"
 
 
-def shown(series_id: str) -> str:
-    """A series id for a message: quoted, and cut short (with its size) when it is long."""
-    if len(series_id) <= SHOWN_ID_CHARS:
+# How a chunk's kind (serving.stepper.StepChunk.kind) names its positions and ids in messages.
+_NAMES = {"stream": ("observation", "series"), "sequence": ("step", "sequence")}
+
+
+def shown(series_id: str | int) -> str:
+    """A series id for a message: quoted (a sequence's int id as is), and cut short (with its
+    size) when it is long."""
+    if not isinstance(series_id, str) or len(series_id) <= SHOWN_ID_CHARS:
         return repr(series_id)
     return f"{series_id[:SHOWN_ID_CHARS]!r}... ({len(series_id.encode('utf-8', 'surrogatepass'))} bytes)"
 
 
-def where(index: int, series_id: str, what: str = "observation") -> str:
-    return f"{what} {index} (series {shown(series_id)})"
+def where(index: int, series_id: str | int, what: str = "observation", noun: str = "series") -> str:
+    return f"{what} {index} ({noun} {shown(series_id)})"
 
 
 def _first(mask: np.ndarray) -> int:
@@ -87,7 +92,7 @@ def check_batch(
     covariate_names: Sequence[str],
     max_ts: int,
 ) -> list[InvalidInput | None]:
-    """Check B observations from several requests ("chunks", each with .index and .series_ids).
+    """Check B observations from several requests ("chunks", each with .index, .series_ids, .kind).
 
     values float32 [B], timestamps_ms int64 [B], last_ts int64 [B] (each series' previous
     timestamp, int64 min for new series), counts int64 [B] covariates per observation, flat_cov
@@ -132,7 +137,8 @@ def _blamer(chunks: Sequence[Any], sizes: Sequence[int], errors: list[InvalidInp
             if errors[k] is None:
                 j = row - int(starts[k])
                 chunk = chunks[k]
-                errors[k] = InvalidInput(f"{where(int(chunk.index[j]), chunk.series_ids[j])}: {message(row, j)}")
+                at = where(int(chunk.index[j]), chunk.series_ids[j], *_NAMES[chunk.kind])
+                errors[k] = InvalidInput(f"{at}: {message(row, j)}")
 
     return blame
 

@@ -12,7 +12,7 @@ from serving.errors import InvalidInput, SeriesIdTooLong
 
 
 def chunk(ids, positions=None):
-    return SimpleNamespace(series_ids=ids, index=np.array(positions or range(len(ids))))
+    return SimpleNamespace(series_ids=ids, index=np.array(positions or range(len(ids))), kind="stream")
 
 
 I64 = np.iinfo(np.int64)
