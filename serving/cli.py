@@ -14,6 +14,7 @@ from serving.config import (
     BatchConfig,
     LimitsConfig,
     ModelSourceConfig,
+    MonitorConfig,
     RuntimeConfig,
     SecurityConfig,
     ServerConfig,
@@ -140,6 +141,30 @@ def parser() -> argparse.ArgumentParser:
         default=d_limits.max_observations_per_request,
         help="observations in one request (Forecast: summed over histories); more get RESOURCE_EXHAUSTED",
     )
+    d_mon = MonitorConfig()
+    a(
+        "--monitor-fraction",
+        type=float,
+        default=d_mon.fraction,
+        help="share of series scored live as their actuals arrive (a hash of the series id); 0 disables",
+    )
+    a(
+        "--monitor-max-series",
+        type=int,
+        default=d_mon.max_series,
+        help="cap on monitored series per model version (~28 KiB each with horizon 48, 3 quantiles)",
+    )
+    a(
+        "--monitor-window",
+        type=int,
+        default=d_mon.window_observations,
+        help="observations the recent live-accuracy figures span, per model version",
+    )
+    a(
+        "--shadow-alias",
+        default=None,
+        help="registry alias (e.g. candidate) run beside the served version on monitored series, scored, never answered",
+    )
     a("--grace-s", type=float, default=d_server.grace_s, help="seconds in-flight RPCs get on SIGTERM")
     a("--log-level", default="INFO")
     a("--log-format", choices=("kv", "json"), default="kv")
@@ -173,6 +198,12 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> ServerConf
             max_series_per_stream=args.max_series_per_stream,
             max_streams=args.max_streams,
             max_observations_per_request=args.max_observations_per_request,
+        ),
+        monitor=MonitorConfig(
+            fraction=args.monitor_fraction,
+            max_series=args.monitor_max_series,
+            window_observations=args.monitor_window,
+            shadow_alias=args.shadow_alias,
         ),
         security=SecurityConfig(
             tls_cert=args.tls_cert,

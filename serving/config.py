@@ -135,6 +135,29 @@ class ModelSourceConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """Live accuracy (serving.live): which series are scored, the recent window, the shadow."""
+
+    fraction: float = 1.0  # share of series ids monitored (a deterministic hash of the id)
+    # Monitored series at most per model version. Each costs ~28 KiB with the default model
+    # (horizon 48, 3 quantiles: its last 48 forecasts, see docs/serving.md), so 20,000 keep the
+    # scorer under ~560 MiB and the whole server (100,000 live series) under 1 GiB.
+    max_series: int = 20_000
+    window_observations: int = 100_000  # observations the "recent" figures span, per version
+    shadow_alias: str | None = None  # registry alias stepped beside the served version, never answered
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.fraction <= 1.0, f"monitor fraction must be in [0, 1], got {self.fraction}")
+        _require(self.max_series >= 0, "monitor max_series must be >= 0 (0 disables live accuracy)")
+        _require(self.window_observations >= 8, "monitor window_observations must be >= 8")
+        _require(self.shadow_alias is None or bool(self.shadow_alias), "shadow_alias must not be empty")
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0 and self.max_series > 0
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The whole server: transport, operations and the data plane's parts."""
 
@@ -154,8 +177,13 @@ class ServerConfig:
     state: StateConfig = field(default_factory=StateConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
+        _require(
+            self.monitor.shadow_alias is None or self.source.model_uri.startswith("models:/"),
+            "--shadow-alias needs a registry model URI (models:/NAME@ALIAS): a local directory has no aliases",
+        )
         _require(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
         _require(
             self.metrics_port is None or 0 <= self.metrics_port <= 65535,

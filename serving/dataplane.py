@@ -28,6 +28,7 @@ from serving.domain import ForecastGroup, History, ModelDescription, SequenceSte
 from serving.errors import ModelNotReady, UnknownModel
 from serving.metrics import Metrics
 from serving.model_store import ModelStore
+from serving.monitor import LiveMonitor, VersionReport
 from serving.sequences import SequenceTable
 from serving.sessions import StreamSession
 from serving.streams import Stream, StreamRegistry
@@ -42,6 +43,7 @@ class DataPlane:
         self.admission = Admission(models, self.limits, state, on_expired=metrics.expired.inc if metrics else None)
         self.streams = StreamRegistry(self.admission)
         self.sequences = SequenceTable(models, self.admission)
+        self.live: LiveMonitor | None = None  # live accuracy (the server sets it up)
         if metrics is not None:
             metrics.track(
                 lambda: self.admission.live_series,
@@ -131,6 +133,11 @@ class DataPlane:
             model.inflight -= 1
             self.models.release(model)
         return groups
+
+    async def live_accuracy(self, model_name: str = "") -> list[VersionReport]:
+        """Live scores of every version still reported ([] when monitoring is off)."""
+        self.models.get(model_name)  # unknown model, or none loaded yet
+        return await self.live.report() if self.live is not None else []
 
     def describe(self, model_name: str = "", version: str = "") -> ModelDescription:
         return self.models.get(model_name, version).describe()

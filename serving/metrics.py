@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -186,10 +186,70 @@ class Metrics:
         self.loaded_versions.set_function(loaded_versions)
         self.live_sequences.set_function(live_sequences)
 
+    def track_live(self, reports: Callable[[], Sequence[Any]]) -> None:
+        """Expose live accuracy (serving.monitor.VersionReport list, read when scraped)."""
+        self.registry.register(_LiveAccuracy(reports))
+
     def serve(self, host: str, port: int) -> tuple[Any, int]:
         """Start the /metrics HTTP endpoint on a daemon thread; returns (server, bound port)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server, server.server_port
+
+
+class _LiveAccuracy(Collector):
+    """Live accuracy per model version, role and horizon bucket (docs/serving.md, "Live accuracy").
+
+    `horizon` is the bucket of steps ahead ("1", "2-6", ...); `window` is `since_load` or `recent`
+    (the last --monitor-window observations). The drift ratio is the served version's recent MASE
+    over all horizons divided by its backtest MASE from the registry.
+    """
+
+    FIGURES = (
+        ("mae", "mean |actual - point forecast|, raw units"),
+        ("mase", "mean |actual - point| / the series' own seasonal-naive MAE so far"),
+        ("pinball", "mean pinball loss over pairs and quantiles, raw units"),
+        ("coverage", "share of actuals inside the outermost quantile band"),
+    )
+
+    def __init__(self, reports: Callable[[], Sequence[Any]]) -> None:
+        self._reports = reports
+
+    def collect(self) -> Iterator[Metric]:
+        reports = self._reports()
+        labels = ("version", "role", "horizon", "window")
+        scored = CounterMetricFamily(
+            "forecast_live_scored", "(forecast, actual) pairs scored since load", labels=("version", "role", "horizon")
+        )
+        figures = {
+            name: GaugeMetricFamily(f"forecast_live_{name}", f"Live {doc}", labels=labels) for name, doc in self.FIGURES
+        }
+        drift = GaugeMetricFamily(
+            "forecast_live_drift_ratio",
+            "Served version: live MASE over the recent window (all horizons) / its backtest MASE",
+            labels=("version",),
+        )
+        monitored = GaugeMetricFamily(
+            "forecast_live_monitored_series", "Series scored live now", labels=("version", "role")
+        )
+        for r in reports:
+            monitored.add_metric((r.model_version, r.role), r.monitored_series)
+            if r.role == "served" and r.current and r.drift is not None:
+                drift.add_metric((r.model_version,), r.drift)
+            for window, buckets in (("since_load", r.since_load), ("recent", r.recent)):
+                for b in buckets:
+                    horizon = str(b.from_step) if b.from_step == b.to_step else f"{b.from_step}-{b.to_step}"
+                    if window == "since_load":
+                        scored.add_metric((r.model_version, r.role, horizon), b.scored)
+                    if not b.scored:
+                        continue
+                    key = (r.model_version, r.role, horizon, window)
+                    for name, _ in self.FIGURES:
+                        if name != "mase" or b.mase_scored:
+                            figures[name].add_metric(key, getattr(b, name))
+        yield scored
+        yield from figures.values()
+        yield drift
+        yield monitored
 
 
 def _child(children: dict, key: tuple, make: Callable[[], Any]) -> Any:

@@ -123,7 +123,7 @@ class LoadedModel:
         self.arena = StateArena(ort_model.state, state.initial_capacity, state.max_series)
         # One thread: ORT calls of a version run one at a time (the CUDA path keeps state in it).
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{name}-{version}")
-        process = StepProcessor(
+        self.stepper = process = StepProcessor(
             functools.partial(ort_model.step, self.arena), self.arena, spec, version,
             self.executor, batch.max_batch_size, observe_batch,
         )  # fmt: skip
@@ -242,6 +242,19 @@ class ModelStore:
         except Exception as exc:  # MlflowException, connection errors, timeouts: all mean "cannot resolve now"
             raise RegistryUnavailable(f"{self.ref.uri}: cannot resolve the alias: {exc}") from exc
         return str(mv.version)
+
+    def version_tags(self, version: str) -> dict[str, str]:
+        """The registry's tags of a version (blocking; {} for a local directory)."""
+        if self.ref.local_dir is not None:
+            return {}
+        return dict(self._registry_client().get_model_version(self.ref.name, version).tags)
+
+    def resolve_alias(self, alias: str) -> str:
+        """The version a registry alias of the served model points at (blocking; RegistryUnavailable)."""
+        try:
+            return str(self._registry_client().get_model_version_by_alias(self.ref.name, alias).version)
+        except Exception as exc:  # as in resolve_version: the registry cannot say now
+            raise RegistryUnavailable(f"models:/{self.ref.name}@{alias}: cannot resolve the alias: {exc}") from exc
 
     def _open(self, version: str) -> OrtModel:
         """Fetch (if from the registry), open, check and warm up one version (blocking).

@@ -24,6 +24,7 @@ from serving.dataplane import DataPlane
 from serving.errors import ServingError
 from serving.metrics import Metrics
 from serving.model_store import LoadedModel, ModelStore
+from serving.monitor import LiveMonitor
 from serving.oip_servicer import InferenceHandler, InferenceServicer
 from serving.proto import OIP_SERVICE_NAME, SERVICE_NAME, oip, pb, reflection_pool
 from serving.security import (
@@ -64,6 +65,9 @@ class ForecastServer:
             on_refused=lambda version: self.metrics.refused.inc(), on_watch_failure=self.metrics.watch_failures.inc,
         )  # fmt: skip
         self.plane = DataPlane(self.models, config.state, self.metrics, config.limits)
+        self.live = LiveMonitor(config.monitor, self.models, config.source.watch_interval_s)
+        self.plane.live = self.live
+        self.metrics.track_live(self.live.snapshot)
         self.servicer = ForecasterServicer(self.plane, self.metrics)
         self.inference = InferenceServicer(self.plane, self.metrics, __version__)
         self.http = None
@@ -94,6 +98,7 @@ class ForecastServer:
         self._loads = 0
 
     def _model_changed(self, model: LoadedModel) -> None:
+        self.live.served(model)
         self.metrics.set_model(model.name, model.version, model.provider)
         self._loads += 1
         if self._loads > 1:
@@ -151,6 +156,8 @@ class ForecastServer:
         self._background.append(loop.create_task(self.plane.run_sweeper(), name="idle-sweeper"))
         if self.models.watching:
             self._background.append(loop.create_task(self.models.watch(), name="alias-watcher"))
+        if self.config.monitor.enabled and self.config.monitor.shadow_alias:
+            self._background.append(loop.create_task(self.live.watch_shadow(), name="shadow-watcher"))
         log.info(
             "event=ready name=%s version=%s provider=%s watch_interval_s=%s",
             model.name, model.version, model.provider,
@@ -177,6 +184,7 @@ class ForecastServer:
             if task is not None and not task.done():
                 task.cancel()
         await asyncio.gather(*(t for t in [*self._background, self._loading] if t), return_exceptions=True)
+        await self.live.close()
         await self.models.close()
         self._stop_metrics()
 

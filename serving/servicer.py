@@ -53,6 +53,7 @@ def parser(cls: type[Message]) -> Callable[[bytes], Message]:
 
 parse_forecast_request = parser(pb.ForecastRequest)
 parse_model_info_request = parser(pb.GetModelInfoRequest)
+parse_live_accuracy_request = parser(pb.GetLiveAccuracyRequest)
 
 
 def observations_from(request: pb.StreamRequest) -> Observations:
@@ -160,6 +161,54 @@ class ForecasterServicer:
             season=s.season or 0, lags=s.lags, state_bytes_per_series=d.state_bytes_per_series,
         )  # fmt: skip
 
+    async def GetLiveAccuracy(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.LiveAccuracy:
+        try:
+            reports = await self._plane.live_accuracy(parse_live_accuracy_request(data).model)
+        except Exception as exc:
+            await self._abort(context, "GetLiveAccuracy", exc)
+        self._metrics.finished("GetLiveAccuracy", "OK", PROTOCOL)
+        cfg = self._plane.live.cfg if self._plane.live is not None else None
+        return live_accuracy_message(reports, cfg)
+
+
+def _horizons(buckets) -> list[pb.HorizonAccuracy]:
+    return [
+        pb.HorizonAccuracy(
+            from_step=b.from_step,
+            to_step=b.to_step,
+            scored=b.scored,
+            mae=b.mae,
+            mase=b.mase,
+            pinball=b.pinball,
+            coverage=b.coverage,
+            mase_scored=b.mase_scored,
+        )
+        for b in buckets
+    ]
+
+
+def live_accuracy_message(reports, cfg) -> pb.LiveAccuracy:
+    """serving.monitor.VersionReport list -> forecast.v1.LiveAccuracy."""
+    return pb.LiveAccuracy(
+        versions=[
+            pb.VersionAccuracy(
+                model_version=r.model_version,
+                role=r.role,
+                since_load=_horizons(r.since_load),
+                recent=_horizons(r.recent),
+                versus_shadow=_horizons(r.versus_shadow),
+                shadow_version=r.shadow_version,
+                backtest_mase=r.backtest_mase or 0.0,
+                drift=r.drift or 0.0,
+                monitored_series=r.monitored_series,
+            )
+            for r in reports
+        ],
+        window_observations=cfg.window_observations if cfg else 0,
+        monitor_fraction=cfg.fraction if cfg else 0.0,
+        monitor_max_series=cfg.max_series if cfg else 0,
+    )
+
 
 def _identity(data: bytes) -> bytes:
     return data
@@ -181,6 +230,9 @@ def forecaster_handler(servicer: ForecasterServicer) -> grpc.GenericRpcHandler:
             ),
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
                 servicer.GetModelInfo, _identity, pb.ModelInfo.SerializeToString
+            ),
+            "GetLiveAccuracy": grpc.unary_unary_rpc_method_handler(
+                servicer.GetLiveAccuracy, _identity, pb.LiveAccuracy.SerializeToString
             ),
         },
     )

@@ -37,6 +37,9 @@ from serving.state import StateArena
 StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 # (rows in the ORT call, seconds it took, what the rows were: "stream", "sequence" or "both")
 BatchObserver = Callable[[int, float, str], None]
+# monitor(rows [B], epochs [B], series_ids [B], values [B], timestamps_ms [B], forecast [B, H, Q],
+#   covariates [B, C]): the rows stepped, after the step (serving.live scores them)
+StepMonitor = Callable[[np.ndarray, np.ndarray, list, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 
 _chain = itertools.chain.from_iterable
 # Batches up to this many rows run on the event loop thread. Waking the executor thread and
@@ -79,6 +82,7 @@ class StepProcessor:
         self._step, self._arena, self._spec, self._version = step, arena, spec, version
         self._executor, self._max, self._observe = executor, max_batch_size, observe
         self._max_ts = validation.max_timestamp_ms(spec.horizon, spec.freq_ms)
+        self.monitor: StepMonitor | None = None  # live accuracy of this version, when on
 
     async def __call__(self, chunks: list[StepChunk]) -> list[list[ForecastGroup] | ServingError]:
         arena = self._arena
@@ -165,7 +169,10 @@ class StepProcessor:
         )
         # A chunk whose step overflowed is refused like bad input; its stream ends on the error and
         # frees its series, so the state the step wrote is never used.
-        overflowed = validation.check_forecasts(chunks, [len(c.series_ids) for c in chunks], forecast)
+        sizes = [len(c.series_ids) for c in chunks]
+        overflowed = validation.check_forecasts(chunks, sizes, forecast)
+        if self.monitor is not None:
+            self._monitor(rows, epochs, batch, values, cov, sizes, overflowed)
         offset, done = 0, iter(zip(chunks, overflowed))
         for i, error in enumerate(errors):
             if error is None:
@@ -173,6 +180,24 @@ class StepProcessor:
                 results[i] = failed if failed is not None else [ForecastGroup(chunk.index, batch, offset)]
                 offset += len(chunk.series_ids)
         return results
+
+    def _monitor(
+        self,
+        rows: np.ndarray,
+        epochs: np.ndarray,
+        batch: StepBatch,
+        values: np.ndarray,
+        cov: np.ndarray,
+        sizes: list[int],
+        overflowed: list,
+    ) -> None:
+        """Hand the stepped rows to the live-accuracy monitor (those of overflowed chunks left out)."""
+        ids, ts, forecast = batch.series_ids, batch.timestamps_ms, batch.forecast
+        if any(e is not None for e in overflowed):
+            keep = np.repeat([e is None for e in overflowed], sizes)
+            rows, epochs, values, ts, forecast, cov = (a[keep] for a in (rows, epochs, values, ts, forecast, cov))
+            ids = [i for i, k in zip(ids, keep.tolist()) if k]
+        self.monitor(rows, epochs, ids, values, ts, forecast, cov)
 
     def _run(
         self, rows: np.ndarray, epochs: np.ndarray, values: np.ndarray, ts: np.ndarray, cov: np.ndarray

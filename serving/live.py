@@ -1,0 +1,422 @@
+"""Live accuracy: the server scores its own forecasts as the actuals arrive.
+
+Every observation of a monitored series is the actual that the series' earlier forecasts aimed
+at. `LiveScorer` (one per model version, and one for a shadow version) keeps, per monitored
+series, the forecasts of its last `horizon` origins (float32 [H origins, H steps, Q], a ring
+indexed by origin) and their timestamps; when the observation at time t arrives it scores every
+kept forecast that targeted t (lead k = (t - origin) / freq_ms, 1 <= k <= H):
+
+- point error |y - point| (point: the metadata's point_quantile path),
+- pinball loss per quantile (summed over quantiles; reported as the mean over pairs and quantiles),
+- whether y lies inside [lowest quantile, highest quantile],
+- |y - point| / scale, where scale is the series' own seasonal-naive MAE so far (the mean of
+  |y_t - y_{t - season}| over its observations up to and including t; `season` from the graph
+  metadata), the MASE numerator term; pairs of a series without a scale yet are left out of MASE.
+
+Sums are kept per lead (1..H), since load and over a recent window (8 chunks of
+window_observations / 8 observations each; the window spans between 7/8 and all of it), and are
+pooled into horizon buckets when read. All of it is numpy over the step batch: a few dozen numpy
+calls per ORT call, whatever its size. It runs on the event loop thread, right after the step.
+
+Which series are monitored: a deterministic hash of the series id against `fraction`, and at
+most `max_series` at once per version (a series first seen when all slots are taken is not
+monitored; slots of series that ended are reclaimed lazily). Series are known by their state
+row and its epoch (serving.state): a new epoch in a row is a new series.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from serving.contract import ModelSpec
+
+if TYPE_CHECKING:
+    from serving.state import StateArena
+
+_NEVER = np.iinfo(np.int64).min // 2  # an origin timestamp no target is ever k steps after
+_OPEN = np.iinfo(np.int64).max  # shadow_since of a slot the shadow does not run (yet)
+CHUNKS = 8  # the recent window is this many chunks of observations
+# The per-lead sums, axis 0 of every accumulator [FIELDS, H]
+N, ABS, PINBALL, COVER, N_SCALED, SCALED = range(6)
+FIELDS = 6
+
+
+def horizon_buckets(horizon: int) -> list[tuple[int, int]]:
+    """Lead ranges reported together: 1, 2-6, 7-24, 25-48, then doubling, the last one cut at the
+    horizon (horizon 48: [(1, 1), (2, 6), (7, 24), (25, 48)]; horizon 6: [(1, 1), (2, 6)])."""
+    ends, edge = [1, 6, 24], 48
+    while edge < horizon:
+        ends.append(edge)
+        edge *= 2
+    ends = [e for e in ends if e < horizon] + [horizon]
+    buckets, start = [], 1
+    for end in ends:
+        buckets.append((start, end))
+        start = end + 1
+    return buckets
+
+
+def bytes_per_series(horizon: int, quantiles: int, season: int) -> int:
+    """What one monitored series costs a scorer: the forecast ring (float32 [H, H, Q]), origin
+    timestamps (int64 [H]), the last season of values and timestamps, and per-slot scalars."""
+    return horizon * horizon * quantiles * 4 + horizon * 8 + season * (4 + 8) + 8 * 6
+
+
+def selected(series_id: object, fraction: float) -> bool:
+    """Whether a series id is monitored: crc32 of its UTF-8 text against the fraction (the same
+    answer on every replica and restart)."""
+    if fraction >= 1.0:
+        return True
+    return zlib.crc32(str(series_id).encode()) < fraction * 4294967296.0
+
+
+@dataclass(frozen=True)
+class BucketAccuracy:
+    from_step: int
+    to_step: int
+    scored: int
+    mae: float
+    mase: float
+    pinball: float
+    coverage: float
+    mase_scored: int
+
+
+def pooled(sums: np.ndarray, quantiles: int, buckets: Sequence[tuple[int, int]]) -> list[BucketAccuracy]:
+    """Per-lead sums [FIELDS, H] -> one BucketAccuracy per bucket (0 where nothing was scored)."""
+    out = []
+    for lo, hi in buckets:
+        s = sums[:, lo - 1 : hi].sum(axis=1)
+        n, ns = s[N], s[N_SCALED]
+        out.append(
+            BucketAccuracy(
+                lo, hi, int(n),
+                s[ABS] / n if n else 0.0,
+                s[SCALED] / ns if ns else 0.0,
+                s[PINBALL] / (n * quantiles) if n else 0.0,
+                s[COVER] / n if n else 0.0,
+                int(ns),
+            )
+        )  # fmt: skip
+    return out
+
+
+def overall_mase(sums: np.ndarray) -> float | None:
+    """MASE over every lead (None before any pair had a scale)."""
+    ns = sums[N_SCALED].sum()
+    return float(sums[SCALED].sum() / ns) if ns else None
+
+
+class Accumulator:
+    """Per-lead sums since load and over the recent window (chunks of observations)."""
+
+    def __init__(self, horizon: int, window_observations: int) -> None:
+        self.total = np.zeros((FIELDS, horizon))
+        self.chunks = np.zeros((CHUNKS, FIELDS, horizon))
+        self._chunk, self._chunk_obs = 0, 0
+        self._chunk_size = max(1, window_observations // CHUNKS)
+
+    def add(self, sums: np.ndarray, observations: int) -> None:
+        """Add per-lead sums [FIELDS, H] of `observations` more observations."""
+        self.total += sums
+        self.chunks[self._chunk] += sums
+        self.observed(observations)
+
+    def observed(self, observations: int) -> None:
+        self._chunk_obs += observations
+        if self._chunk_obs >= self._chunk_size:
+            self._chunk = (self._chunk + 1) % CHUNKS
+            self.chunks[self._chunk] = 0
+            self._chunk_obs = 0
+
+    @property
+    def recent(self) -> np.ndarray:
+        return self.chunks.sum(axis=0)
+
+
+class LiveScorer:
+    """One model version's live scores over its monitored series (see the module docstring).
+
+    The served version's scorer admits series (`observe`); a shadow's scorer is handed the served
+    scorer's slots (`score` with `reset` first), so a slot is the same series in both.
+    """
+
+    def __init__(
+        self,
+        version: str,
+        role: str,
+        spec: ModelSpec,
+        max_series: int,
+        window_observations: int,
+        fraction: float = 1.0,
+        arena: StateArena | None = None,
+    ) -> None:
+        self.version, self.role, self.spec = version, role, spec
+        self.horizon, self.q = spec.horizon, len(spec.quantiles)
+        self.buckets = horizon_buckets(self.horizon)
+        self.fraction, self.max_series, self.arena = fraction, max_series, arena
+        self.season = spec.season or 0  # 0: no seasonal-naive scale, no MASE
+        self.backtest_mase: float | None = None  # from the registry, when known
+        h, q, s, m = self.horizon, self.q, max(self.season, 1), max_series
+        # Preallocated at the cap: np.zeros pages are only resident once a slot has used them.
+        # Forecasts of the last H origins, [slot, origin, lead - 1, quantile]: a batch's forecasts
+        # are written as whole [H, Q] blocks; a pair's Q values are read as one 12-byte row.
+        self._ring = np.zeros((m, h, h, q), np.float32)
+        self._k1 = np.arange(1, h + 1)  # leads
+        self._k0 = self._k1 - 1
+        self._origin_ts = np.full((m, h), _NEVER, np.int64)
+        self._steps = np.zeros(m, np.int64)  # steps stored since the slot started
+        self._last_ts = np.full(m, _NEVER, np.int64)  # the newest origin's timestamp
+        self._chain = np.zeros(m, np.int64)  # newest origins one step apart, up to H
+        self._lag_y = np.zeros((m, s), np.float32)  # the last season of values (ring by time)
+        self._lag_ts = np.full((m, s), _NEVER, np.int64)
+        self._scale_sum = np.zeros(m)  # sum of |y_t - y_{t - season}|
+        self._scale_n = np.zeros(m, np.int64)
+        self._q = np.asarray(spec.quantiles, np.float64)
+        self._p = spec.point_index
+        self._season_ms = self.season * spec.freq_ms
+        self.acc = Accumulator(h, window_observations)
+        # Served scorers only: which arena row holds which slot (-1: not monitored), by epoch.
+        self._row_slot = np.zeros(0, np.int32)
+        self._row_epoch = np.zeros(0, np.int64)
+        self._slot_row = np.full(m, -1, np.int64)  # the row and epoch a slot belongs to
+        self._slot_epoch = np.zeros(m, np.int64)
+        self._free = list(range(m - 1, -1, -1))
+        # While a shadow runs: the first origin it has of each slot, and the served version's sums
+        # over the pairs the shadow scores too (origins at or after that).
+        self.shadow: ShadowFeed | None = None
+        self.shadow_since = np.full(m, _OPEN, np.int64)
+        self.versus: Accumulator | None = None
+
+    @property
+    def monitored(self) -> int:
+        return self.max_series - len(self._free)
+
+    def retire(self) -> None:
+        """The version was unloaded: drop the per-series arrays, keep the figures."""
+        if self._ring.size:
+            self._ring = np.zeros((0, self.horizon, self.horizon, self.q), np.float32)
+            self._origin_ts = self._lag_ts = np.zeros((0, 1), np.int64)
+            self._free = list(range(self.max_series))
+
+    # -- admission (served scorers) -------------------------------------------------------------
+
+    def observe(
+        self,
+        rows: np.ndarray,
+        epochs: np.ndarray,
+        series_ids: Sequence[object],
+        values: np.ndarray,
+        timestamps_ms: np.ndarray,
+        forecast: np.ndarray,
+        covariates: np.ndarray,
+    ) -> None:
+        """One ORT step's rows (stepped, in their arena, with their epochs then): score and keep."""
+        if len(self._row_epoch) < self.arena.capacity:
+            self._grow_rows(self.arena.capacity)
+        known = self._row_epoch[rows] == epochs
+        if not known.all():
+            self._admit(rows, epochs, series_ids, np.flatnonzero(~known).tolist())
+        slots = self._row_slot[rows]
+        keep = slots >= 0
+        if not keep.all():
+            if not keep.any():
+                return
+            slots, values, timestamps_ms = slots[keep], values[keep], timestamps_ms[keep]
+            forecast, covariates = forecast[keep], covariates[keep]
+        slots = slots.astype(np.int64)
+        scale = self.score(slots, values, timestamps_ms, forecast)
+        if self.shadow is not None:
+            self._feed_shadow(slots, values, timestamps_ms, covariates, scale)
+
+    def _grow_rows(self, capacity: int) -> None:
+        grow = capacity - len(self._row_epoch)
+        self._row_slot = np.concatenate([self._row_slot, np.full(grow, -1, np.int32)])
+        self._row_epoch = np.concatenate([self._row_epoch, np.zeros(grow, np.int64)])
+
+    def _admit(self, rows: np.ndarray, epochs: np.ndarray, series_ids: Sequence[object], new: list[int]) -> None:
+        """Rows holding a series not seen before: give the selected ones a slot, if one is free."""
+        for i in new:
+            row, epoch = int(rows[i]), int(epochs[i])
+            old = int(self._row_slot[row])
+            if old >= 0 and self._slot_row[old] == row:  # the row's previous series has ended
+                self._release(old)
+            self._row_epoch[row] = epoch
+            slot = self._take() if selected(series_ids[i], self.fraction) else -1
+            self._row_slot[row] = slot
+            if slot >= 0:
+                self._slot_row[slot], self._slot_epoch[slot] = row, epoch
+                self.reset(np.array([slot]))
+
+    def _take(self) -> int:
+        if not self._free:  # reclaim the slots of series whose rows were freed or handed on
+            used = np.flatnonzero(self._slot_row >= 0)
+            gone = used[self.arena.epoch[self._slot_row[used]] != self._slot_epoch[used]]
+            for slot in gone.tolist():
+                self._release(slot)
+        return self._free.pop() if self._free else -1
+
+    def _release(self, slot: int) -> None:
+        row = int(self._slot_row[slot])
+        if self._row_slot[row] == slot:
+            self._row_slot[row] = -1
+        self._slot_row[slot] = -1
+        self._free.append(slot)
+
+    # -- scoring (served and shadow) -------------------------------------------------------------
+
+    def reset(self, slots: np.ndarray) -> None:
+        """Slots that start a new series: no forecasts, no seasonal history."""
+        self._origin_ts[slots] = _NEVER
+        self._last_ts[slots] = _NEVER
+        self._chain[slots] = 0
+        self._lag_ts[slots] = _NEVER
+        self._steps[slots] = 0
+        self._scale_sum[slots] = 0.0
+        self._scale_n[slots] = 0
+        self.shadow_since[slots] = _OPEN
+
+    def score(
+        self,
+        slots: np.ndarray,
+        values: np.ndarray,
+        timestamps_ms: np.ndarray,
+        forecast: np.ndarray,
+        scale: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Score the observations (values [B] at timestamps_ms [B], slots distinct) against the
+        slots' kept forecasts, then keep forecast [B, H, Q] as their newest origin. Returns the
+        MASE scale used per row [B] (NaN: none yet); a shadow passes the served scorer's."""
+        h, freq = self.horizon, self.spec.freq_ms
+        ts = timestamps_ms
+        y = values.astype(np.float64)
+        n = self._steps[slots]
+        if scale is None:
+            scale = self._update_scale(slots, y, ts)
+        step = ts - self._last_ts[slots] == freq  # one step after the last
+        chain = self._chain[slots]
+        # The usual case: one step after the last, and every kept origin one step after the one
+        # before: lead k's forecast is then the origin stored k steps ago (k <= chain).
+        regular = step & (chain >= np.minimum(n, h))
+        if regular.any():
+            # Pairs as [B, H] matrices, lead on axis 1.
+            valid = self._k1 <= np.where(regular, chain, 0)[:, None]  # [B, H]
+            origin = (n[:, None] - self._k1) % h  # [B, H] ring position of lead k's origin
+            base = (slots[:, None] * h + origin) * h + self._k0  # [B, H] the pairs' rows in the ring as [-1, Q]
+            origin_ts = ts[:, None] - self._k1 * freq if self.versus is not None else None  # [B, H]
+            self._add(base, valid, y[:, None], scale[:, None], origin_ts, slots[:, None], len(slots))
+        else:
+            self.acc.observed(len(slots))
+        odd = None if regular.all() else np.flatnonzero(~regular & (n > 0))
+        if odd is not None and odd.size:  # a gap or an off-grid step: each kept origin's lead from its timestamp
+            sl = slots[odd]
+            dt = ts[odd, None] - self._origin_ts[sl]  # [b, H] ms since each kept origin
+            lead = dt // freq
+            b, o = np.nonzero((lead >= 1) & (lead <= h) & (lead * freq == dt))
+            if b.size:
+                li = lead[b, o] - 1
+                base = (sl[b] * h + o) * h + li
+                valid = np.ones(b.size, bool)
+                origin_ts = self._origin_ts[sl[b], o]
+                self._add(base, valid, y[odd][b], scale[odd][b], origin_ts, sl[b], 0, li)
+        k = n % h
+        self._ring[slots, k] = forecast
+        self._origin_ts[slots, k] = ts
+        self._chain[slots] = np.where(step, np.minimum(chain + 1, h), 1)
+        self._last_ts[slots] = ts
+        self._steps[slots] = n + 1
+        return scale
+
+    def _add(
+        self,
+        base: np.ndarray,
+        valid: np.ndarray,
+        y: np.ndarray,
+        scale: np.ndarray,
+        origin_ts: np.ndarray,
+        slots: np.ndarray,
+        observations: int,
+        lead: np.ndarray | None = None,
+    ) -> None:
+        """Score pairs and add them up. Either [B, H] matrices with lead - 1 = column (lead None)
+        or flat [P] arrays with their lead - 1 in `lead`; y, scale, slots broadcast against them."""
+        f = self._ring.reshape(-1, self.q).take(base, axis=0)  # [B, H, Q] or [P, Q]
+        pinball = 0.0
+        for j, q in enumerate(self.spec.quantiles):  # one quantile at a time: numpy's fast loops
+            d = y - f[..., j]
+            pinball = pinball + np.maximum(q * d, (q - 1.0) * d)
+            if j == 0:
+                low = d >= 0
+            if j == self._p:
+                abs_err = np.abs(d)
+        weights = np.empty((FIELDS, *base.shape))  # every pair's figures, 0 for pairs not kept
+        weights[N] = valid
+        np.multiply(abs_err, valid, out=weights[ABS])
+        np.multiply(pinball, valid, out=weights[PINBALL])
+        np.logical_and(low & (d <= 0), valid, out=weights[COVER], casting="unsafe")
+        has_scale = (scale > 0) & valid  # NaN compares False
+        weights[N_SCALED] = has_scale
+        weights[SCALED] = 0.0
+        np.divide(abs_err, scale, out=weights[SCALED], where=has_scale)
+        self.acc.add(self._sums(weights, lead), observations)
+        if self.versus is not None:  # the pairs the shadow has too: origins it stepped
+            both = origin_ts >= self.shadow_since[slots]
+            self.versus.add(self._sums(weights * both, lead), 0)
+
+    def _sums(self, weights: np.ndarray, lead: np.ndarray | None) -> np.ndarray:
+        """[FIELDS, B, H] -> per-lead sums [FIELDS, H]; flat [FIELDS, P] with their leads likewise."""
+        if lead is None:
+            return weights.sum(axis=1)
+        return np.stack([np.bincount(lead, w, self.horizon) for w in weights])
+
+    def _update_scale(self, slots: np.ndarray, y: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """Add each row's seasonal-naive error (when its value one season back is known) and return
+        the scale: mean seasonal-naive absolute error so far [B], NaN where there is none."""
+        if not self.season:
+            return np.full(len(slots), np.nan)
+        k = ts // self.spec.freq_ms % self.season  # by time: t and t - season share a place
+        lag_ts = self._lag_ts[slots, k]
+        hit = lag_ts == ts - self._season_ms
+        self._scale_sum[slots] += np.where(hit, np.abs(y - self._lag_y[slots, k]), 0.0)
+        counts = self._scale_n[slots] + hit
+        self._scale_n[slots] = counts
+        self._lag_y[slots, k] = y
+        self._lag_ts[slots, k] = ts
+        return np.divide(self._scale_sum[slots], counts, out=np.full(len(slots), np.nan), where=counts > 0)
+
+    # -- the shadow -----------------------------------------------------------------------------
+
+    def start_shadow(self, feed: ShadowFeed) -> None:
+        """Feed every monitored series' steps to a shadow from now on (each slot from its next
+        step), and compare like for like from there."""
+        self.shadow = feed
+        self.shadow_since[:] = _OPEN
+        self.versus = Accumulator(self.horizon, 8)
+
+    def stop_shadow(self) -> None:
+        self.shadow, self.versus = None, None
+        self.shadow_since[:] = _OPEN
+
+    def shadow_lost(self, slots: np.ndarray) -> None:
+        """The shadow missed a step of these slots: they restart in it at their next step."""
+        self.shadow_since[slots] = _OPEN
+
+    def _feed_shadow(
+        self, slots: np.ndarray, values: np.ndarray, ts: np.ndarray, covariates: np.ndarray, scale: np.ndarray
+    ) -> None:
+        since = self.shadow_since[slots]
+        fresh = since == _OPEN
+        if fresh.any():
+            self.shadow_since[slots[fresh]] = ts[fresh]
+        if not self.shadow(slots, fresh, values, ts, covariates, scale):
+            self.shadow_lost(slots)
+
+
+# shadow(slots [B], fresh [B] bool, values [B], timestamps_ms [B], covariates [B, C], scale [B])
+#   -> False when it could not take the step (the slots then restart in it)
+ShadowFeed = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], bool]
