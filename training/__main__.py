@@ -29,8 +29,21 @@ def _parser() -> argparse.ArgumentParser:
         "--margin",
         type=float,
         default=None,
-        help="share by which the best baseline must be beaten (default: the fit's)",
+        help="share by which the best baseline must be beaten (default: the fit's); with --live, by which "
+        "production's live MASE must be beaten (default 0.02)",
     )
+    prom.add_argument(
+        "--live",
+        metavar="HOST:PORT",
+        help="decide on live evidence: the candidate running in shadow on the server there (--shadow-alias)",
+    )
+    prom.add_argument(
+        "--min-observations",
+        type=int,
+        default=1000,
+        help="with --live: live (forecast, actual) pairs both versions must have scored (default 1000)",
+    )
+    prom.add_argument("--token-file", type=Path, help="with --live: the server's bearer token (first line)")
     ens = sub.add_parser("ensure-production", help="fit and promote the config's model unless one is in production")
     ens.add_argument("--config", default=DEFAULT_CONFIG)
     ens.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -56,6 +69,21 @@ def main(argv: list[str] | None = None) -> int:
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     try:
+        if args.command == "promote" and args.live:
+            from training.live_promote import promote_live
+
+            decision, evidence = promote_live(
+                args.name,
+                args.live,
+                min_observations=args.min_observations,
+                margin=0.02 if args.margin is None else args.margin,
+                token_file=args.token_file,
+            )
+            print(f"live accuracy on {args.live}: production version {evidence.served_version} (served) against "
+                  f"candidate version {evidence.shadow_version} (shadow), the same pairs")  # fmt: skip
+            print(evidence.table)
+            print(decision.reason)
+            return 0 if decision.promoted else 3
         if args.command == "promote":
             decision = promote(args.name, args.version, force=args.force, margin=args.margin)
             print(decision.reason)
