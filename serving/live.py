@@ -44,6 +44,7 @@ CHUNKS = 8  # the recent window is this many chunks of observations
 # The per-lead sums, axis 0 of every accumulator [FIELDS, H]
 N, ABS, PINBALL, COVER, N_SCALED, SCALED = range(6)
 FIELDS = 6
+STEPS, LAST_TS, CHAIN = range(3)  # columns of LiveScorer._slot_ints
 
 
 def horizon_buckets(horizon: int) -> list[tuple[int, int]]:
@@ -62,9 +63,12 @@ def horizon_buckets(horizon: int) -> list[tuple[int, int]]:
 
 
 def bytes_per_series(horizon: int, quantiles: int, season: int) -> int:
-    """What one monitored series costs a scorer: the forecast ring (float32 [H, H, Q]), origin
-    timestamps (int64 [H]), the last season of values and timestamps, and per-slot scalars."""
-    return horizon * horizon * quantiles * 4 + horizon * 8 + season * (4 + 8) + 8 * 6
+    """What one monitored series costs its scorer: the forecast ring (float32 [H, H, Q]), the
+    origins' timestamps (int64 [H]), the last season of (value, timestamp) (float64 [S, 2]), and
+    per slot 3 int64 + 2 float64 + shadow_since + its row and epoch. (Default model, H = 48,
+    Q = 3, S = 48: 28,864 bytes.) Every live series, monitored or not, adds 16 bytes (its row's
+    slot and epoch); a shadow doubles the scorer's share and adds its own state row."""
+    return horizon * horizon * quantiles * 4 + horizon * 8 + season * 16 + 3 * 8 + 2 * 8 + 8 + 16
 
 
 def selected(series_id: object, fraction: float) -> bool:
@@ -168,21 +172,26 @@ class LiveScorer:
         # are written as whole [H, Q] blocks; a pair's Q values are read as one 12-byte row.
         self._ring = np.zeros((m, h, h, q), np.float32)
         self._k1 = np.arange(1, h + 1)  # leads
-        self._k0 = self._k1 - 1
+        # _pattern[r]: for a series whose newest forecast goes to ring position r, the rows (in
+        # its slot's [H origins x H leads] block) of the kept forecasts for leads 1..H, when its
+        # origins are one step apart: lead k's is the origin k steps back, at (r - k) mod H.
+        self._pattern = ((np.arange(h)[:, None] - self._k1) % h) * h + (self._k1 - 1)  # [H, H]
         self._origin_ts = np.full((m, h), _NEVER, np.int64)
-        self._steps = np.zeros(m, np.int64)  # steps stored since the slot started
-        self._last_ts = np.full(m, _NEVER, np.int64)  # the newest origin's timestamp
-        self._chain = np.zeros(m, np.int64)  # newest origins one step apart, up to H
-        self._lag_y = np.zeros((m, s), np.float32)  # the last season of values (ring by time)
-        self._lag_ts = np.full((m, s), _NEVER, np.int64)
-        self._scale_sum = np.zeros(m)  # sum of |y_t - y_{t - season}|
-        self._scale_n = np.zeros(m, np.int64)
+        # Per slot: steps stored since it started, the newest origin's timestamp, and how many of
+        # the newest origins are one step apart (up to H). One array: one gather, one scatter.
+        self._slot_ints = np.zeros((m, 3), np.int64)
+        self._slot_ints[:, LAST_TS] = _NEVER
+        # The last season of (value, timestamp) per slot, a ring by time (NaN: none), and the
+        # running (sum of |y_t - y_{t - season}|, count).
+        self._lag = np.zeros((m, s, 2))
+        self._lag[:, :, 1] = np.nan
+        self._scale = np.zeros((m, 2))
         self._q = np.asarray(spec.quantiles, np.float64)
         self._p = spec.point_index
         self._season_ms = self.season * spec.freq_ms
         self.acc = Accumulator(h, window_observations)
         # Served scorers only: which arena row holds which slot (-1: not monitored), by epoch.
-        self._row_slot = np.zeros(0, np.int32)
+        self._row_slot = np.zeros(0, np.int64)
         self._row_epoch = np.zeros(0, np.int64)
         self._slot_row = np.full(m, -1, np.int64)  # the row and epoch a slot belongs to
         self._slot_epoch = np.zeros(m, np.int64)
@@ -201,7 +210,8 @@ class LiveScorer:
         """The version was unloaded: drop the per-series arrays, keep the figures."""
         if self._ring.size:
             self._ring = np.zeros((0, self.horizon, self.horizon, self.q), np.float32)
-            self._origin_ts = self._lag_ts = np.zeros((0, 1), np.int64)
+            self._origin_ts = np.zeros((0, self.horizon), np.int64)
+            self._lag = np.zeros((0, 1, 2))
             self._free = list(range(self.max_series))
 
     # -- admission (served scorers) -------------------------------------------------------------
@@ -229,14 +239,13 @@ class LiveScorer:
                 return
             slots, values, timestamps_ms = slots[keep], values[keep], timestamps_ms[keep]
             forecast, covariates = forecast[keep], covariates[keep]
-        slots = slots.astype(np.int64)
         scale = self.score(slots, values, timestamps_ms, forecast)
         if self.shadow is not None:
             self._feed_shadow(slots, values, timestamps_ms, covariates, scale)
 
     def _grow_rows(self, capacity: int) -> None:
         grow = capacity - len(self._row_epoch)
-        self._row_slot = np.concatenate([self._row_slot, np.full(grow, -1, np.int32)])
+        self._row_slot = np.concatenate([self._row_slot, np.full(grow, -1, np.int64)])
         self._row_epoch = np.concatenate([self._row_epoch, np.zeros(grow, np.int64)])
 
     def _admit(self, rows: np.ndarray, epochs: np.ndarray, series_ids: Sequence[object], new: list[int]) -> None:
@@ -273,12 +282,9 @@ class LiveScorer:
     def reset(self, slots: np.ndarray) -> None:
         """Slots that start a new series: no forecasts, no seasonal history."""
         self._origin_ts[slots] = _NEVER
-        self._last_ts[slots] = _NEVER
-        self._chain[slots] = 0
-        self._lag_ts[slots] = _NEVER
-        self._steps[slots] = 0
-        self._scale_sum[slots] = 0.0
-        self._scale_n[slots] = 0
+        self._slot_ints[slots] = (0, _NEVER, 0)
+        self._lag[slots] = (0.0, np.nan)
+        self._scale[slots] = 0.0
         self.shadow_since[slots] = _OPEN
 
     def score(
@@ -292,87 +298,92 @@ class LiveScorer:
         """Score the observations (values [B] at timestamps_ms [B], slots distinct) against the
         slots' kept forecasts, then keep forecast [B, H, Q] as their newest origin. Returns the
         MASE scale used per row [B] (NaN: none yet); a shadow passes the served scorer's."""
-        h, freq = self.horizon, self.spec.freq_ms
-        ts = timestamps_ms
+        h, freq, ts = self.horizon, self.spec.freq_ms, timestamps_ms
         y = values.astype(np.float64)
-        n = self._steps[slots]
+        ints = self._slot_ints[slots]  # [B, 3]
+        n, chain = ints[:, STEPS], ints[:, CHAIN]
         if scale is None:
             scale = self._update_scale(slots, y, ts)
-        step = ts - self._last_ts[slots] == freq  # one step after the last
-        chain = self._chain[slots]
+        step = ts - ints[:, LAST_TS] == freq  # one step after the last
         # The usual case: one step after the last, and every kept origin one step after the one
-        # before: lead k's forecast is then the origin stored k steps ago (k <= chain).
-        regular = step & (chain >= np.minimum(n, h))
-        if regular.any():
-            # Pairs as [B, H] matrices, lead on axis 1.
-            valid = self._k1 <= np.where(regular, chain, 0)[:, None]  # [B, H]
-            origin = (n[:, None] - self._k1) % h  # [B, H] ring position of lead k's origin
-            base = (slots[:, None] * h + origin) * h + self._k0  # [B, H] the pairs' rows in the ring as [-1, Q]
-            origin_ts = ts[:, None] - self._k1 * freq if self.versus is not None else None  # [B, H]
-            self._add(base, valid, y[:, None], scale[:, None], origin_ts, slots[:, None], len(slots))
+        # before: lead k's forecast is then the origin stored k steps ago, for k <= chain.
+        leads = np.where(step & (chain >= np.minimum(n, h)), chain, 0)  # [B] leads scorable so
+        r = n % h  # the ring position the newest forecast goes to
+        if leads.any():
+            base = self._pattern[r] + (slots * (h * h))[:, None]  # [B, H] the pairs' rows in the ring
+            f = self._ring.reshape(-1, self.q).take(base, axis=0)  # [B, H, Q]
+            valid = None if leads.min() == h else self._k1 <= leads[:, None]  # [B, H] (None: all)
+            self.acc.add(self._dense_sums(f, values, scale, valid), len(slots))
+            if self.versus is not None:  # the pairs the shadow has too: origins it stepped
+                both = (ts - self.shadow_since[slots])[:, None] >= self._k1 * freq
+                self.versus.add(self._dense_sums(f, values, scale, both if valid is None else both & valid), 0)
         else:
             self.acc.observed(len(slots))
-        odd = None if regular.all() else np.flatnonzero(~regular & (n > 0))
-        if odd is not None and odd.size:  # a gap or an off-grid step: each kept origin's lead from its timestamp
-            sl = slots[odd]
-            dt = ts[odd, None] - self._origin_ts[sl]  # [b, H] ms since each kept origin
-            lead = dt // freq
-            b, o = np.nonzero((lead >= 1) & (lead <= h) & (lead * freq == dt))
-            if b.size:
-                li = lead[b, o] - 1
-                base = (sl[b] * h + o) * h + li
-                valid = np.ones(b.size, bool)
-                origin_ts = self._origin_ts[sl[b], o]
-                self._add(base, valid, y[odd][b], scale[odd][b], origin_ts, sl[b], 0, li)
-        k = n % h
-        self._ring[slots, k] = forecast
-        self._origin_ts[slots, k] = ts
-        self._chain[slots] = np.where(step, np.minimum(chain + 1, h), 1)
-        self._last_ts[slots] = ts
-        self._steps[slots] = n + 1
+        if leads.min() == 0:  # new series; or a gap, an off-grid step: leads from the origins' timestamps
+            odd = np.flatnonzero((leads == 0) & (n > 0))
+            if odd.size:
+                self._score_by_time(slots[odd], y[odd], ts[odd], scale[odd])
+        self._ring[slots, r] = forecast
+        self._origin_ts[slots, r] = ts
+        ints[:, CHAIN] = np.where(step, np.minimum(chain + 1, h), 1)
+        ints[:, STEPS] += 1
+        ints[:, LAST_TS] = ts
+        self._slot_ints[slots] = ints
         return scale
 
-    def _add(
-        self,
-        base: np.ndarray,
-        valid: np.ndarray,
-        y: np.ndarray,
-        scale: np.ndarray,
-        origin_ts: np.ndarray,
-        slots: np.ndarray,
-        observations: int,
-        lead: np.ndarray | None = None,
-    ) -> None:
-        """Score pairs and add them up. Either [B, H] matrices with lead - 1 = column (lead None)
-        or flat [P] arrays with their lead - 1 in `lead`; y, scale, slots broadcast against them."""
-        f = self._ring.reshape(-1, self.q).take(base, axis=0)  # [B, H, Q] or [P, Q]
-        pinball = 0.0
-        for j, q in enumerate(self.spec.quantiles):  # one quantile at a time: numpy's fast loops
-            d = y - f[..., j]
-            pinball = pinball + np.maximum(q * d, (q - 1.0) * d)
-            if j == 0:
-                low = d >= 0
-            if j == self._p:
-                abs_err = np.abs(d)
-        weights = np.empty((FIELDS, *base.shape))  # every pair's figures, 0 for pairs not kept
-        weights[N] = valid
-        np.multiply(abs_err, valid, out=weights[ABS])
-        np.multiply(pinball, valid, out=weights[PINBALL])
-        np.logical_and(low & (d <= 0), valid, out=weights[COVER], casting="unsafe")
-        has_scale = (scale > 0) & valid  # NaN compares False
-        weights[N_SCALED] = has_scale
-        weights[SCALED] = 0.0
-        np.divide(abs_err, scale, out=weights[SCALED], where=has_scale)
-        self.acc.add(self._sums(weights, lead), observations)
-        if self.versus is not None:  # the pairs the shadow has too: origins it stepped
-            both = origin_ts >= self.shadow_since[slots]
-            self.versus.add(self._sums(weights * both, lead), 0)
+    def _dense_sums(self, f: np.ndarray, y: np.ndarray, scale: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+        """Per-lead sums [FIELDS, H] of the pairs f [B, H, Q] (lead - 1 on axis 1) with actuals
+        y [B] (float32, like f); valid [B, H] marks the pairs that exist (None: all).
 
-    def _sums(self, weights: np.ndarray, lead: np.ndarray | None) -> np.ndarray:
-        """[FIELDS, B, H] -> per-lead sums [FIELDS, H]; flat [FIELDS, P] with their leads likewise."""
-        if lead is None:
-            return weights.sum(axis=1)
-        return np.stack([np.bincount(lead, w, self.horizon) for w in weights])
+        Sums over rows only, no per-pair Python: pinball = sum_q (q d_q - min(d_q, 0)) with
+        d = y - f, so its total needs only sum(d) and sum(min(d, 0)) per lead and quantile. The
+        differences are float32 (exact in sign; relative error 6e-8), every sum is float64.
+        """
+        d = y[:, None, None] - f  # [B, H, Q] float32
+        if valid is not None:
+            d *= valid[:, :, None]  # pairs that do not exist add 0 to every sum...
+        abs_err = np.abs(d[:, :, self._p])  # [B, H]
+        cover = (d[:, :, 0] >= 0) & (d[:, :, -1] <= 0)
+        has = scale > 0  # [B] (NaN compares False)
+        inv = np.divide(1.0, scale, out=np.zeros(len(scale)), where=has)
+        sums = np.empty((FIELDS, self.horizon))
+        if valid is None:
+            sums[N] = len(y)
+            sums[N_SCALED] = np.count_nonzero(has)
+        else:
+            cover &= valid  # ...except to the band count: d = 0 is inside
+            sums[N] = np.count_nonzero(valid, axis=0)
+            sums[N_SCALED] = has.astype(np.float64) @ valid  # (bool @ bool would be a logical "any")
+        sums[ABS] = abs_err.sum(axis=0, dtype=np.float64)
+        negative = np.minimum(d, 0.0).sum(axis=(0, 2), dtype=np.float64)
+        sums[PINBALL] = d.sum(axis=0, dtype=np.float64) @ self._q - negative
+        sums[COVER] = np.count_nonzero(cover, axis=0)
+        sums[SCALED] = inv @ abs_err
+        return sums
+
+    def _score_by_time(self, slots: np.ndarray, y: np.ndarray, ts: np.ndarray, scale: np.ndarray) -> None:
+        """Rows whose kept origins are not all one step apart: pairs found by timestamp."""
+        h, freq = self.horizon, self.spec.freq_ms
+        dt = ts[:, None] - self._origin_ts[slots]  # [b, H] ms since each kept origin
+        lead = dt // freq
+        b, o = np.nonzero((lead >= 1) & (lead <= h) & (lead * freq == dt))
+        if not b.size:
+            return
+        li = lead[b, o] - 1  # [P] lead - 1 of each pair
+        f = self._ring.reshape(-1, self.q).take((slots[b] * h + o) * h + li, axis=0)  # [P, Q]
+        d = y[b, None] - f
+        abs_err = np.abs(d[:, self._p])
+        s = scale[b]
+        has = s > 0
+        weights = [
+            np.ones(len(b)), abs_err, d @ self._q - np.minimum(d, 0.0).sum(axis=1),
+            (d[:, 0] >= 0) & (d[:, -1] <= 0), has, np.divide(abs_err, s, out=np.zeros(len(b)), where=has),
+        ]  # fmt: skip
+        sums = np.stack([np.bincount(li, w, h) for w in weights])
+        self.acc.add(sums, 0)
+        if self.versus is not None:
+            both = self._origin_ts[slots[b], o] >= self.shadow_since[slots[b]]
+            self.versus.add(np.stack([np.bincount(li, w * both, h) for w in weights]), 0)
 
     def _update_scale(self, slots: np.ndarray, y: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """Add each row's seasonal-naive error (when its value one season back is known) and return
@@ -380,14 +391,15 @@ class LiveScorer:
         if not self.season:
             return np.full(len(slots), np.nan)
         k = ts // self.spec.freq_ms % self.season  # by time: t and t - season share a place
-        lag_ts = self._lag_ts[slots, k]
-        hit = lag_ts == ts - self._season_ms
-        self._scale_sum[slots] += np.where(hit, np.abs(y - self._lag_y[slots, k]), 0.0)
-        counts = self._scale_n[slots] + hit
-        self._scale_n[slots] = counts
-        self._lag_y[slots, k] = y
-        self._lag_ts[slots, k] = ts
-        return np.divide(self._scale_sum[slots], counts, out=np.full(len(slots), np.nan), where=counts > 0)
+        lag = self._lag[slots, k]  # [B, 2] (value, timestamp) one season back, if kept
+        hit = lag[:, 1] == ts - self._season_ms
+        scale = self._scale[slots]  # [B, 2]
+        scale[:, 0] += np.abs(y - lag[:, 0]) * hit
+        scale[:, 1] += hit
+        self._scale[slots] = scale
+        lag[:, 0], lag[:, 1] = y, ts
+        self._lag[slots, k] = lag
+        return np.divide(scale[:, 0], scale[:, 1], out=np.full(len(slots), np.nan), where=scale[:, 1] > 0)
 
     # -- the shadow -----------------------------------------------------------------------------
 

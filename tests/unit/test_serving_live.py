@@ -1,0 +1,69 @@
+"""serving.live's scorer against a plain-loop reference: random forecasts, series that start at
+different times, gaps, off-grid steps and batches of changing composition (no server)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serving.contract import ModelSpec, StateTensor
+from serving.live import LiveScorer, bytes_per_series, horizon_buckets, pooled
+from serving.state import StateArena
+from tests.live_support import expected_buckets
+
+FREQ = 60_000
+
+
+def spec(horizon: int, season: int) -> ModelSpec:
+    return ModelSpec("lstm", 1, 4, horizon, (0.1, 0.5, 0.9), FREQ, (), "y", "r", ("h",), 0.5, season)
+
+
+def test_horizon_buckets_follow_the_horizon():
+    assert horizon_buckets(48) == [(1, 1), (2, 6), (7, 24), (25, 48)]
+    assert horizon_buckets(6) == [(1, 1), (2, 6)]
+    assert horizon_buckets(1) == [(1, 1)]
+    assert horizon_buckets(100) == [(1, 1), (2, 6), (7, 24), (25, 48), (49, 96), (97, 100)]
+    assert bytes_per_series(48, 3, 48) == 28_864
+
+
+@pytest.mark.parametrize("horizon, season", [(6, 3), (8, 12)])
+def test_scores_equal_a_plain_loop_reference(horizon, season):
+    rng = np.random.default_rng(horizon)
+    arena = StateArena([StateTensor("h", (None, 1))], 8)
+    scorer = LiveScorer("1", "served", spec(horizon, season), 16, 1000, 1.0, arena)
+    # Each series: its own start, level and timestamps; one with a gap, one with an off-grid step.
+    plans = {}
+    for k in range(5):
+        steps = np.arange(k * 3, 80)
+        if k == 1:
+            steps = steps[(steps < 30) | (steps > 33)]  # a gap of four steps
+        ts = steps * FREQ + (FREQ // 2 if k == 2 else 0)
+        ts = np.where(steps >= 50, ts + 7 if k == 2 else ts, ts)  # k = 2: off the grid from step 50 on
+        values = (10 + k + np.sin(steps / 3) + rng.normal(0, 0.3, len(steps))).astype(np.float32)
+        plans[f"s{k}"] = {
+            "steps": steps.tolist(),
+            "ts": ts,
+            "y": values,
+            "fc": [],
+            "row": int(arena.alloc([None], 0.0)[0]),
+        }
+    for t in range(0, 80):  # one step batch per time step, of the series that have one then
+        batch = [(sid, p, p["steps"].index(t)) for sid, p in plans.items() if t in p["steps"]]
+        if not batch:
+            continue
+        rows = np.array([p["row"] for _, p, _ in batch])
+        fc = np.sort(rng.normal(10, 2, (len(batch), horizon, 3)), axis=2).astype(np.float32)
+        for (_, p, _), f in zip(batch, fc):
+            p["fc"].append(f)
+        scorer.observe(
+            rows, arena.epoch[rows], [sid for sid, _, _ in batch],
+            np.array([p["y"][j] for _, p, j in batch], np.float32), np.array([p["ts"][j] for _, p, j in batch]),
+            fc, np.zeros((len(batch), 0), np.float32),
+        )  # fmt: skip
+    runs = [(p["ts"], p["y"], np.stack(p["fc"])) for p in plans.values()]
+    want = expected_buckets(runs, (0.1, 0.5, 0.9), 1, season, horizon, FREQ)
+    got = pooled(scorer.acc.total, 3, scorer.buckets)
+    for g, w in zip(got, want):
+        assert (g.scored, g.mase_scored) == (w["scored"], w["mase_scored"])
+        for name in ("mae", "pinball", "coverage", "mase"):
+            assert getattr(g, name) == pytest.approx(w[name], rel=1e-6), name
