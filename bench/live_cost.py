@@ -1,7 +1,7 @@
 """What live accuracy (issue #17) costs the server: CPU per observation and memory.
 
 Two `python -m serving` processes from this tree, the default model, one with live accuracy off
-(--monitor-fraction 0) and one with it on (the defaults: every series, at most 20,000 per
+(--monitor-fraction 0) and one with it on (the defaults: every series, at most 12,000 per
 version), measured in alternating rounds (the machine's speed drifts with other tenants' load):
 
 (a) one stream, 256 series per message (bench.stream's (a)): server CPU µs per observation;

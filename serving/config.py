@@ -139,10 +139,11 @@ class MonitorConfig:
     """Live accuracy (serving.live): which series are scored, the recent window, the shadow."""
 
     fraction: float = 1.0  # share of series ids monitored (a deterministic hash of the id)
-    # Monitored series at most per model version. Each costs ~28 KiB with the default model
-    # (horizon 48, 3 quantiles: its last 48 forecasts, see docs/serving.md), so 20,000 keep the
-    # scorer under ~560 MiB and the whole server (100,000 live series) under 1 GiB.
-    max_series: int = 20_000
+    # Monitored series at most per model version. Each costs 28,864 bytes with the default model
+    # (horizon 48, 3 quantiles: its last 48 forecasts, see docs/serving.md), so 12,000 keep the
+    # scorer under 331 MiB and the whole server, with 100,000 live series, under 1 GiB (20,000
+    # measured 1,013 MiB, peak 1,149: docs/benchmarks.md, "Live accuracy").
+    max_series: int = 12_000
     window_observations: int = 100_000  # observations the "recent" figures span, per version
     shadow_alias: str | None = None  # registry alias stepped beside the served version, never answered
 

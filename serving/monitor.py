@@ -150,7 +150,7 @@ class LiveMonitor:
             model.version, "served", model.spec, cfg.max_series, cfg.window_observations, cfg.fraction, model.arena
         )
         model.stepper.monitor = scorer.observe
-        self.scorers.append((scorer, model))
+        self.scorers = [*self.scorers, (scorer, model)][-KEEP_VERSIONS:]  # replaced, not mutated: scrapes read it
         self.current = scorer
         self._background(self._fetch_backtest(scorer))
         if self.shadow is not None:
@@ -262,7 +262,6 @@ class LiveMonitor:
     def snapshot(self) -> list[VersionReport]:
         """Every version's figures as they are now (the metrics scrape's view: no waiting)."""
         loaded = {id(m) for m in self.models.loaded()}
-        self.scorers = self.scorers[-KEEP_VERSIONS:]
         out = []
         shadow = self.shadow
         for scorer, model in self.scorers:

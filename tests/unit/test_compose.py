@@ -140,3 +140,22 @@ def test_grafana_provisions_the_prometheus_datasource_and_the_dashboard():
     dashboard = json.loads((dashboards / home.relative_to(provider["options"]["path"])).read_text())
     uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
     assert uids == {datasource["uid"]}
+
+
+def test_prometheus_loads_the_live_accuracy_alerts_on_metrics_the_server_exports():
+    from serving.metrics import _LiveAccuracy
+
+    prometheus = SERVICES["prometheus"]
+    mounts = dict((t, s) for s, t in volume_mounts(prometheus))
+    config_path = next(a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file="))
+    config = yaml.safe_load((ROOT / mounts[config_path]).read_text())
+    exported = {"forecast_live_drift_ratio", *(f"forecast_live_{name}" for name, _ in _LiveAccuracy.FIGURES)}
+    alerts = []
+    for rule_file in config["rule_files"]:
+        mounted = str(Path(config_path).parent / rule_file)  # relative to the config file
+        for group in yaml.safe_load((ROOT / mounts[mounted]).read_text())["groups"]:
+            alerts += group["rules"]
+    assert {a["alert"] for a in alerts} >= {"ForecastLiveDrift"}
+    for alert in alerts:
+        assert set(re.findall(r"forecast_\w+", alert["expr"])) <= exported, alert["expr"]
+        assert alert["annotations"]["summary"] and alert["for"]
