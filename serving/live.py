@@ -229,6 +229,13 @@ class LiveScorer:
         """One ORT step's rows (stepped, in their arena, with their epochs then): score and keep."""
         if len(self._row_epoch) < self.arena.capacity:
             self._grow_rows(self.arena.capacity)
+        if len(rows) == 1 and self.shadow is None:  # one observation per step: its own, shorter path
+            row = int(rows[0])
+            if self._row_epoch[row] == epochs[0]:
+                slot = int(self._row_slot[row])
+                if slot >= 0:
+                    self._score_one(slot, values, timestamps_ms, forecast)
+                return
         known = self._row_epoch[rows] == epochs
         if not known.all():
             self._admit(rows, epochs, series_ids, np.flatnonzero(~known).tolist())
@@ -330,6 +337,32 @@ class LiveScorer:
         ints[:, LAST_TS] = ts
         self._slot_ints[slots] = ints
         return scale
+
+    def _score_one(self, slot: int, values: np.ndarray, timestamps_ms: np.ndarray, forecast: np.ndarray) -> None:
+        """score() for one row in Python scalars where numpy would only add call overhead (what
+        one-observation streams pay per message); the rare cases go to score()."""
+        h, freq, season = self.horizon, self.spec.freq_ms, self.season
+        n, last, chain = self._slot_ints[slot].tolist()
+        y, ts = float(values[0]), int(timestamps_ms[0])
+        scale = float("nan")
+        if season:  # as _update_scale
+            k = ts // freq % season
+            lag_y, lag_ts = self._lag[slot, k].tolist()
+            total, count = self._scale[slot].tolist()
+            if lag_ts == ts - self._season_ms:
+                total, count = total + abs(y - lag_y), count + 1
+                self._scale[slot] = (total, count)
+            self._lag[slot, k] = (y, ts)
+            scale = total / count if count else scale
+        if ts - last != freq or chain != h:  # warming up, or after a gap: the general path
+            self.score(np.array([slot]), values, timestamps_ms, forecast, np.array([scale]))
+            return
+        r = n % h
+        f = self._ring[slot].reshape(h * h, self.q).take(self._pattern[r], axis=0)  # [H, Q]
+        self.acc.add(self._dense_sums(f[None], values, np.array([scale]), None), 1)
+        self._ring[slot, r] = forecast[0]
+        self._origin_ts[slot, r] = ts
+        self._slot_ints[slot] = (n + 1, ts, h)
 
     def _dense_sums(self, f: np.ndarray, y: np.ndarray, scale: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
         """Per-lead sums [FIELDS, H] of the pairs f [B, H, Q] (lead - 1 on axis 1) with actuals

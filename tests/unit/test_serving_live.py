@@ -26,8 +26,9 @@ def test_horizon_buckets_follow_the_horizon():
     assert bytes_per_series(48, 3, 48) == 28_864
 
 
-@pytest.mark.parametrize("horizon, season", [(6, 3), (8, 12)])
-def test_scores_equal_a_plain_loop_reference(horizon, season):
+@pytest.mark.parametrize("horizon, season, apart", [(6, 3, False), (8, 12, False), (6, 3, True)])
+def test_scores_equal_a_plain_loop_reference(horizon, season, apart):
+    """apart: each series' step in a batch of its own (the scalar path of one-row batches)."""
     rng = np.random.default_rng(horizon)
     arena = StateArena([StateTensor("h", (None, 1))], 8)
     scorer = LiveScorer("1", "served", spec(horizon, season), 16, 1000, 1.0, arena)
@@ -55,11 +56,13 @@ def test_scores_equal_a_plain_loop_reference(horizon, season):
         fc = np.sort(rng.normal(10, 2, (len(batch), horizon, 3)), axis=2).astype(np.float32)
         for (_, p, _), f in zip(batch, fc):
             p["fc"].append(f)
-        scorer.observe(
-            rows, arena.epoch[rows], [sid for sid, _, _ in batch],
-            np.array([p["y"][j] for _, p, j in batch], np.float32), np.array([p["ts"][j] for _, p, j in batch]),
-            fc, np.zeros((len(batch), 0), np.float32),
-        )  # fmt: skip
+        groups = [[i] for i in range(len(batch))] if apart else [list(range(len(batch)))]
+        for g in groups:
+            scorer.observe(
+                rows[g], arena.epoch[rows[g]], [batch[i][0] for i in g],
+                np.array([batch[i][1]["y"][batch[i][2]] for i in g], np.float32),
+                np.array([batch[i][1]["ts"][batch[i][2]] for i in g]), fc[g], np.zeros((len(g), 0), np.float32),
+            )  # fmt: skip
     runs = [(p["ts"], p["y"], np.stack(p["fc"])) for p in plans.values()]
     want = expected_buckets(runs, (0.1, 0.5, 0.9), 1, season, horizon, FREQ)
     got = pooled(scorer.acc.total, 3, scorer.buckets)
