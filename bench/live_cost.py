@@ -9,6 +9,11 @@ version), measured in alternating rounds (the machine's speed drifts with other 
 (c) 100,000 live series, each stepped --steps times (49: every monitored series' ring full):
     server RSS.
 
+Besides the A/B, the "on" server reports the thread CPU it spent scoring
+(forecast_live_scoring_cpu_seconds_total): per observation (message), over the "off" server's
+CPU, that share is the direct, far less noisy, estimate of the overhead (it leaves out effects
+on the rest of the server, such as the cache the forecast rings take).
+
 Prints a table and writes bench/results/live_cost.json.
 
     python -m bench.live_cost [--rounds N] [--quick] [--parts a b c] [--steps N]
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import statistics
+import urllib.request
 
 import grpc
 import numpy as np
@@ -35,7 +42,16 @@ from bench.stream import (
     start_server,
 )
 
-SETTINGS = {"off": ("--monitor-fraction", "0"), "on": ()}
+SETTINGS = {"off": ("--monitor-fraction", "0"), "on": ("--metrics-port", "0")}
+
+
+def scoring_cpu(proc) -> float:
+    """The server's own count of CPU seconds spent scoring (forecast_live_scoring_cpu_seconds)."""
+    url = next(m.group(1) for line in proc.output if (m := re.search(r"metrics=(http://\S+/metrics)", line)))
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("forecast_live_scoring_cpu_seconds_total"))  # fmt: skip
 
 
 async def step_all(target: str, total: int, streams: int, per_message: int, steps: int) -> float:
@@ -79,20 +95,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         if "a" in args.parts:
-            per = {name: [] for name in servers}
+            per = {name: [] for name in [*servers, "scoring"]}
             for _ in range(args.rounds):
                 for name, (proc, target) in servers.items():
-                    cpu = proc.cpu_seconds()
+                    cpu, scored = proc.cpu_seconds(), scoring_cpu(proc) if name == "on" else 0.0
                     asyncio.run(one_stream(target, messages, warmup=20))
                     per[name].append((proc.cpu_seconds() - cpu) / (len(messages) * 256) * 1e6)
+                    if name == "on":
+                        per["scoring"].append((scoring_cpu(proc) - scored) / (len(messages) * 256) * 1e6)
             rows.append(_row("(a) 256 series/message: CPU µs per obs", per))
         if "b" in args.parts:
             for streams in (1, 64):
-                per = {name: [] for name in servers}
+                per = {name: [] for name in [*servers, "scoring"]}
                 for _ in range(args.rounds):
                     for name, (proc, target) in servers.items():
+                        scored = scoring_cpu(proc) if name == "on" else 0.0
                         r = measured(proc, target, streams, int(3000 * scale))
                         per[name].append(r["server_cpu_us_per_msg"])
+                        if name == "on":
+                            messages_sent = streams * max(20, int(3000 * scale) // streams)
+                            per["scoring"].append((scoring_cpu(proc) - scored) / messages_sent * 1e6)
                 rows.append(_row(f"(b) {streams} stream(s), 1 obs/message: CPU µs per msg", per))
         if "c" in args.parts:
             per = {}
@@ -115,14 +137,32 @@ def main(argv: list[str] | None = None) -> int:
         for proc, _ in servers.values():
             proc.stop()
     results["rows"] = rows
-    print_table(rows, ["figure", "off", "on", "overhead", "rounds_off", "rounds_on"], "live accuracy: off vs on")
+    columns = [
+        "figure",
+        "off",
+        "on",
+        "overhead",
+        "paired_overhead",
+        "scoring",
+        "scoring_share",
+        "rounds_off",
+        "rounds_on",
+    ]
+    print_table(
+        rows, columns, "live accuracy: off vs on (overhead: of the medians; paired: median of the rounds' ratios)"
+    )
     print(f"\nwrote {write_results('live_cost', results)}")
     return 0
 
 
 def _row(figure: str, per: dict[str, list[float]]) -> dict:
     off, on = statistics.median(per["off"]), statistics.median(per["on"])
-    return {"figure": figure, "off": off, "on": on, "overhead": on / off - 1,
+    # Rounds alternate off/on back to back, so each round's own ratio is the steadier figure.
+    paired = statistics.median(b / a for a, b in zip(per["off"], per["on"])) - 1
+    # The server's own count of scoring CPU, over the same server's CPU without live accuracy.
+    scoring = statistics.median(per["scoring"]) if per.get("scoring") else None
+    return {"figure": figure, "off": off, "on": on, "overhead": on / off - 1, "paired_overhead": paired,
+            "scoring": scoring, "scoring_share": scoring / off if scoring is not None else None,
             "rounds_off": " ".join(f"{x:.1f}" for x in per["off"]),
             "rounds_on": " ".join(f"{x:.1f}" for x in per["on"])}  # fmt: skip
 

@@ -231,8 +231,14 @@ class _LiveAccuracy(Collector):
         monitored = GaugeMetricFamily(
             "forecast_live_monitored_series", "Series scored live now", labels=("version", "role")
         )
+        cpu = CounterMetricFamily(
+            "forecast_live_scoring_cpu_seconds",
+            "Thread CPU time spent scoring live (on the event loop; a shadow's on its executor thread)",
+            labels=("version", "role"),
+        )
         for r in reports:
             monitored.add_metric((r.model_version, r.role), r.monitored_series)
+            cpu.add_metric((r.model_version, r.role), r.scoring_cpu_seconds)
             if r.role == "served" and r.current and r.drift is not None:
                 drift.add_metric((r.model_version,), r.drift)
             for window, buckets in (("since_load", r.since_load), ("recent", r.recent)):
@@ -250,6 +256,7 @@ class _LiveAccuracy(Collector):
         yield from figures.values()
         yield drift
         yield monitored
+        yield cpu
 
 
 def _child(children: dict, key: tuple, make: Callable[[], Any]) -> Any:

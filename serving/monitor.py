@@ -47,7 +47,8 @@ class VersionReport:
     backtest_mase: float | None
     drift: float | None  # recent MASE over all horizons / backtest MASE
     monitored_series: int
-    current: bool  # the version new series start on (served), or the running shadow
+    current: bool
+    scoring_cpu_seconds: float  # thread CPU time spent scoring this version's forecasts  # the version new series start on (served), or the running shadow
 
 
 class ShadowRunner:
@@ -111,9 +112,11 @@ class ShadowRunner:
             self.served.shadow_lost(slots)
             log.error("event=shadow_step_failed version=%s error=%r", self.version, future.exception())
             return
+        started = time.thread_time()
         if fresh.any():
             self.scorer.reset(slots[fresh])
         self.scorer.score(slots, values, ts, future.result(), scale)
+        self.scorer.cpu_seconds += time.thread_time() - started
 
     async def flush(self) -> None:
         """Wait until every queued shadow step has been stepped and scored."""
@@ -288,4 +291,5 @@ class LiveMonitor:
             scorer.version, scorer.role, pooled(total, scorer.q, scorer.buckets), pooled(recent, scorer.q, scorer.buckets),
             pooled(versus, scorer.q, scorer.buckets) if versus is not None else [], shadow_version,
             scorer.backtest_mase, drift, scorer.monitored if monitored is None else monitored, current,
+            scorer.cpu_seconds,
         )  # fmt: skip
