@@ -245,6 +245,8 @@ class LiveScorer:
         forecast: np.ndarray,
         covariates: np.ndarray,
     ) -> None:
+        if not len(rows):
+            return
         if len(self._row_epoch) < self.arena.capacity:
             self._grow_rows(self.arena.capacity)
         if len(rows) == 1 and self.shadow is None:  # one observation per step: its own, shorter path

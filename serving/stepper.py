@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -41,6 +42,7 @@ BatchObserver = Callable[[int, float, str], None]
 #   covariates [B, C]): the rows stepped, after the step (serving.live scores them)
 StepMonitor = Callable[[np.ndarray, np.ndarray, list, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 
+log = logging.getLogger(__name__)
 _chain = itertools.chain.from_iterable
 # Batches up to this many rows run on the event loop thread. Waking the executor thread and
 # being woken back costs ~100 µs of wall time and CPU, plus GIL hand-offs, about what ORT needs
@@ -197,7 +199,12 @@ class StepProcessor:
             keep = np.repeat([e is None for e in overflowed], sizes)
             rows, epochs, values, ts, forecast, cov = (a[keep] for a in (rows, epochs, values, ts, forecast, cov))
             ids = [i for i, k in zip(ids, keep.tolist()) if k]
-        self.monitor(rows, epochs, ids, values, ts, forecast, cov)
+            if not len(rows):
+                return
+        try:
+            self.monitor(rows, epochs, ids, values, ts, forecast, cov)
+        except Exception:  # live accuracy observes the answers; a bug in it must not refuse them
+            log.exception("event=live_scoring_failed version=%s rows=%d", self._version, len(rows))
 
     def _run(
         self, rows: np.ndarray, epochs: np.ndarray, values: np.ndarray, ts: np.ndarray, cov: np.ndarray

@@ -70,3 +70,12 @@ def test_scores_equal_a_plain_loop_reference(horizon, season, apart):
         assert (g.scored, g.mase_scored) == (w["scored"], w["mase_scored"])
         for name in ("mae", "pinball", "coverage", "mase"):
             assert getattr(g, name) == pytest.approx(w[name], rel=1e-6), name
+
+
+def test_a_batch_with_no_rows_left_is_nothing_to_score():
+    """A step batch whose every chunk overflowed reaches the scorer empty (found by the fuzz test)."""
+    arena = StateArena([StateTensor("h", (None, 1))], 4)
+    scorer = LiveScorer("1", "served", spec(6, 3), 4, 100, 1.0, arena)
+    none = np.zeros(0, np.int64)
+    scorer.observe(none, none, [], np.zeros(0, np.float32), none, np.zeros((0, 6, 3), np.float32), np.zeros((0, 0)))
+    assert scorer.acc.total.sum() == 0 and scorer.monitored == 0
