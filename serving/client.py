@@ -47,7 +47,7 @@ TOKEN_ENV = "FORECAST_TOKEN"
 
 def observation(
     series_id: str, timestamp_ms: int, value: float, covariates: Sequence[float] = (),
-    reset: bool = False, end: bool = False,
+    reset: bool = False, end: bool = False, resume_state: bytes = b"",
 ) -> pb.Observation:  # fmt: skip
     return pb.Observation(
         series_id=series_id,
@@ -56,6 +56,7 @@ def observation(
         covariates=covariates,
         reset=reset,
         end=end,
+        resume_state=resume_state,
     )
 
 
@@ -151,9 +152,12 @@ class ForecastClient:
         request = pb.ForecastRequest(series=list(histories))
         return list(self._stub.Forecast(request, timeout=self._timeout, metadata=self._metadata).forecasts)
 
-    def stream(self, batches: Iterable[Sequence[pb.Observation]]) -> Iterator[list[pb.SeriesForecast]]:
-        """One StreamForecast call: each batch is one request; yields each answer's forecasts."""
-        requests = (pb.StreamRequest(observations=list(b)) for b in batches)
+    def stream(
+        self, batches: Iterable[Sequence[pb.Observation]], return_state: bool = False
+    ) -> Iterator[list[pb.SeriesForecast]]:
+        """One StreamForecast call: each batch is one request; yields each answer's forecasts (with
+        return_state, each carries its series' snapshot in `state`)."""
+        requests = (pb.StreamRequest(observations=list(b), return_state=return_state) for b in batches)
         for response in self._stub.StreamForecast(requests, metadata=self._metadata):
             yield list(response.forecasts)
 
