@@ -14,17 +14,19 @@ import pytest
 
 from serving.client import ForecastClient, observation
 from serving.config import RuntimeConfig, SecurityConfig
+from tests.integration.test_server_cuda import cuda_really_active
 from tests.serving_support import FREQ_MS, START_MS, OfflineModel, RunningServer, server_config
 
 SECRET = b"integration-test-state-secret"
 
 
 def config(model_dir, secret: bytes | None = SECRET, resident: str = "off"):
-    return replace(
-        server_config(str(model_dir)),
-        security=SecurityConfig(state_secret=secret),
-        runtime=RuntimeConfig(device="cpu", resident_state=resident),
+    """resident: "off" (host state arena), "on" (state kept as CPU OrtValues, the CUDA code path
+    without a GPU) or "cuda" (the real thing)."""
+    runtime = (
+        RuntimeConfig(device="cuda") if resident == "cuda" else RuntimeConfig(device="cpu", resident_state=resident)
     )
+    return replace(server_config(str(model_dir)), security=SecurityConfig(state_secret=secret), runtime=runtime)
 
 
 def obs(series: str, t: int, **kw):
@@ -42,8 +44,10 @@ def lstm(tiny_model_dir):
     return tiny_model_dir("lstm")
 
 
-@pytest.mark.parametrize("resident", ["off", "on"])
+@pytest.mark.parametrize("resident", ["off", "on", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_a_series_resumes_on_another_server_as_if_never_interrupted(lstm, resident):
+    if resident == "cuda" and not cuda_really_active(lstm):
+        pytest.skip("CUDAExecutionProvider is not really active here")
     offline = OfflineModel(lstm)
     snapshots: dict[str, bytes] = {}
     with RunningServer(config(lstm, resident=resident)) as first, ForecastClient(first.target) as client:
