@@ -18,6 +18,11 @@ A session knows only what it needs: the model store (the current version, and to
 version whose series are gone) and admission (request limits, room for new series). It is the
 owner of its rows in the state arena: idle expiry tells it to forget a series (`forget`).
 A chunk whose series were freed while it waited (its stream went away) is dropped unprocessed.
+
+Resumable series (CONTRACT §8): an observation's `resume_state` is accepted only where its series
+starts a row (new to the stream, or `reset`); the snapshot is verified (serving.snapshots) before
+the wave changes anything and written into the fresh row before its step is queued, so the step
+gathers the restored state. `return_state` marks the chunks whose rows the stepper snapshots.
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ class StreamSession:
         refs: list[SeriesRef | None] = [get(s) for s in ids]
         resume = obs.resume_state
         snapshots: dict[int, Snapshot] = {}
-        if resume and any(resume):  # checked before anything changes: a refused request leaves no trace
+        if resume and any(resume):  # checked before this wave changes anything
             if positions is not None:
                 resume = [resume[i] for i in positions]
             snapshots = {
@@ -216,8 +221,8 @@ class StreamSession:
 
     def _snapshot(self, data: bytes, series_id: str, position: int, fresh: bool) -> Snapshot:
         """The snapshot a resume_state holds, for a series that starts a row with this observation
-        (`fresh`); refused (SnapshotRefused, SnapshotOfOtherModel, SnapshotsOff) before anything
-        of the request is applied."""
+        (`fresh`), or SnapshotRefused / SnapshotOfOtherModel / SnapshotsOff, raised before the
+        observation's wave changes anything (the stream then ends, as on any refusal)."""
         where = f"observation {position} (series {series_id!r})"
         if not fresh:
             raise SnapshotRefused(

@@ -8,7 +8,10 @@ problem to its chunk; runs the step graph once on the rows that passed (gather s
 run -> scatter `h_out`/`c_out` back, on the event loop for small batches, else on the version's
 executor thread); advances the series' bookkeeping; and gives every chunk its slice of one
 shared StepBatch. A chunk with bad input gets its own exception and is left out; so does one
-whose forecast came out non-finite; the other chunks in the batch are unaffected.
+whose forecast came out non-finite; the other chunks in the batch are unaffected. Rows of chunks
+that asked for return_state have their state read right after their ORT call, on the thread that
+ran it (before a later call can overwrite it; on the resident path, from the device values), and
+signed into the StepBatch (serving.snapshots) with their new steps_seen and timestamp.
 
 A chunk may follow another one (`after`: the previous step of the same sequence, queued by the
 same request): it is refused, unprocessed, when that one was refused, so a request's steps are
