@@ -9,9 +9,10 @@ run -> scatter `h_out`/`c_out` back, on the event loop for small batches, else o
 executor thread); advances the series' bookkeeping; and gives every chunk its slice of one
 shared StepBatch. A chunk with bad input gets its own exception and is left out; so does one
 whose forecast came out non-finite; the other chunks in the batch are unaffected. Rows of chunks
-that asked for return_state have their state read right after their ORT call, on the thread that
-ran it (before a later call can overwrite it; on the resident path, from the device values), and
-signed into the StepBatch (serving.snapshots) with their new steps_seen and timestamp.
+that asked for return_state have their state read right after their ORT call and signed there,
+on the thread that ran it (before a later call can overwrite it; on the resident path, from the
+device values; a large batch's signing stays off the event loop), into the StepBatch
+(serving.snapshots) with their new steps_seen and timestamp.
 
 A chunk may follow another one (`after`: the previous step of the same sequence, queued by the
 same request): it is refused, unprocessed, when that one was refused, so a request's steps are
@@ -181,7 +182,7 @@ class StepProcessor:
             freq_ms=spec.freq_ms,
             quantiles=spec.quantiles,
             point_index=spec.point_index,
-            states=None if want is None else self._encode_states(want, states, steps, ts),
+            states=states,
         )
         # A chunk whose step overflowed is refused like bad input; its stream ends on the error and
         # frees its series, so the state the step wrote is never used.
@@ -202,39 +203,35 @@ class StepProcessor:
         ts: np.ndarray,
         cov: np.ndarray,
         want: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, list[tuple[list[np.ndarray], np.ndarray]]]:
-        """On the executor thread: ORT calls of at most max_batch_size rows -> (forecast [B, horizon, Q],
-        per call where `want` has rows: the state read right after it, for those rows)."""
-        m, parts, states = self._max, [], []
+    ) -> tuple[np.ndarray, list[bytes | None] | None]:
+        """On the executor thread (or the loop, for small batches): ORT calls of at most
+        max_batch_size rows -> (forecast [B, horizon, Q], per row the signed snapshot where `want`
+        [B] asks for one, else None; None when nothing is wanted)."""
+        m, parts = self._max, []
+        snapshots: list[bytes | None] | None = None if want is None else [None] * len(rows)
         for i in range(0, len(rows), m):
             part = slice(i, i + m)
             parts.append(self._step(rows[part], epochs[part], values[part], ts[part], cov[part]))
-            if want is not None and want[part].any():  # before the next call overwrites the state
-                assert self._read_state is not None
-                states.append(self._read_state(rows[part][want[part]], epochs[part][want[part]]))
-        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), states
+            if snapshots is not None and want[part].any():  # before the next call overwrites the state
+                self._snapshot(np.flatnonzero(want[part]) + i, rows, epochs, ts, snapshots)
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), snapshots
 
-    def _encode_states(
-        self,
-        want: np.ndarray,
-        states: list[tuple[list[np.ndarray], np.ndarray]],
-        steps: np.ndarray,
-        ts: np.ndarray,
-    ) -> list[bytes | None]:
-        """A signed snapshot for each row of the batch that asked (None for the others, and for rows
-        that changed hands while the step ran: their stream is gone)."""
+    def _snapshot(
+        self, picked: np.ndarray, rows: np.ndarray, epochs: np.ndarray, ts: np.ndarray, out: list[bytes | None]
+    ) -> None:
+        """Sign the state of the batch rows `picked` right after their step into out[picked]; rows
+        that changed hands while the step ran (their stream is gone) get none."""
         codec = self._snapshots
-        assert codec is not None  # sessions refuse return_state without a secret
+        assert codec is not None and self._read_state is not None  # sessions refuse return_state without a secret
+        tensors, keep = self._read_state(rows[picked], epochs[picked])
+        # steps_seen after this step: the loop adds its 1 (record_steps) once this call is back, and
+        # only the loop changes a live row's count.
+        steps = self._arena.steps_seen[rows[picked]] + 1
         axes = [t.batch_axis for t in self._arena.tensors]
-        out: list[bytes | None] = [None] * len(want)
-        wanted = iter(np.flatnonzero(want).tolist())
-        for tensors, keep in states:
-            for k, kept in enumerate(keep.tolist()):
-                j = next(wanted)
-                if kept:
-                    one = [t[(slice(None),) * axis + (slice(k, k + 1),)] for t, axis in zip(tensors, axes)]
-                    out[j] = codec.encode(one, int(steps[j]), int(ts[j]))
-        return out
+        for k, (j, kept) in enumerate(zip(picked.tolist(), keep.tolist())):
+            if kept:
+                one = [t[(slice(None),) * axis + (slice(k, k + 1),)] for t, axis in zip(tensors, axes)]
+                out[j] = codec.encode(one, int(steps[k]), int(ts[j]))
 
 
 def _refused(step: asyncio.Future) -> bool:
