@@ -38,9 +38,12 @@ def observations(series: str, t: int, prefix: str = "", **kw):
     return observation(prefix + series, START_MS + t * FREQ_MS, value(series, t), **kw)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_a_series_resumes_on_a_second_process_after_the_first_is_killed(tiny_model_dir, tmp_path, cell):
-    model_dir = tiny_model_dir(cell)
+@pytest.fixture(params=["lstm", "gru"])
+def model_dir(request, tiny_model_dir):
+    return tiny_model_dir(request.param)  # trained once per test session, shared with other tests
+
+
+def test_a_series_resumes_on_a_second_process_after_the_first_is_killed(model_dir, tmp_path):
     secret_file = tmp_path / "state-secret"
     secret_file.write_text(SECRET + "\n")
     first, target = start(model_dir, "--state-secret-file", str(secret_file))
@@ -77,7 +80,7 @@ def test_a_series_resumes_on_a_second_process_after_the_first_is_killed(tiny_mod
 
 
 def test_the_client_cli_carries_on_from_its_state_file_on_another_server(tiny_model_dir, tmp_path):
-    model_dir = tiny_model_dir("lstm")
+    model_dir = tiny_model_dir("lstm")  # the first test trained it
     env = {**os.environ, "FORECAST_STATE_SECRET": SECRET}
     data, state = tmp_path / "two.csv", tmp_path / "state.json"
 
