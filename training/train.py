@@ -79,11 +79,6 @@ class TrainConfig:
     # Windows start from the recurrent state the series has there after all its history (see
     # _warm_states), not from zero; false trains every window from zero state.
     warm_start: bool = True
-    # Before the first epoch the head starts at the best of its references per horizon step (the
-    # latest value or a lag's seasonal naive, by training-window MAE) with a band from those
-    # residuals' quantiles, and that starting point is epoch 0 of early stopping: training keeps
-    # it unless an epoch beats it on validation (see init_head_from_references).
-    reference_init: bool = True
     device: str = "auto"  # auto | cpu | cuda (see training.distributed)
 
     def __post_init__(self) -> None:
@@ -345,49 +340,6 @@ def _batch(
     return win.values[idx], win.timestamps[idx], win.covariates[idx], torch.nan_to_num(targets), mask, state
 
 
-HEAD_WEIGHT_SCALE = 0.1  # the hidden state's share of the head's first outputs (see init_head_from_references)
-BEST_REFERENCE_LOGIT = 4.0  # softmax weight ~0.96 on the best reference of three (latest, day, week)
-
-
-@torch.no_grad()
-def init_head_from_references(model: Forecaster, win: _Windows, cfg: TrainConfig, windows: int = 128) -> None:
-    """Start the head where the classical baselines are: per horizon step, the mix's weight on the
-    reference (latest value, or one lag's seasonal naive) with the lowest mean absolute error over
-    up to ``windows`` training windows, and the quantile offsets at the quantiles of that
-    reference's residuals there; the head's weights are scaled down so the hidden state starts as a
-    small correction. An untrained network's mix is near uniform (the mean of yesterday, last week
-    and now, which is none of them), and where data allows only a few epochs in the budget, the
-    network never got far from it. The residuals are in the scaled space the head works in."""
-    c = model.config
-    rows = np.unique(np.linspace(0, len(win.starts) - 1, min(windows, len(win.starts))).round().astype(int))
-    values, _, _, target, mask, state = _batch(model, win, rows, cfg.window)
-    z = model.scale_values(values)
-    if c.lags:
-        window = model._lag_window(values, z, state, True)
-        refs = model._references(*window, z, torch.arange(values.shape[1]))  # (B, W, horizon, R)
-    else:
-        refs = z[..., None, None].expand(-1, -1, c.horizon, 1)
-    refs, target = refs[mask], target[mask]  # (N, horizon, R), (N, horizon)
-    if not len(target):
-        return
-    best = (target.unsqueeze(-1) - refs).abs().mean(dim=0).argmin(dim=-1)  # (horizon,)
-    resid = target - refs.gather(-1, best[None, :, None].expand(len(refs), -1, 1)).squeeze(-1)
-    levels = torch.quantile(resid, torch.tensor(c.quantiles, dtype=resid.dtype), dim=0)  # (Q, horizon)
-    bias = torch.zeros(c.horizon, c.head_size)
-    bias[:, 0] = levels[0]
-    if c.num_quantiles > 1:
-        gaps = (levels[1:] - levels[:-1]).clamp(min=1e-3)  # softplus^-1 of each step between quantiles
-        bias[:, 1 : c.num_quantiles] = (gaps + torch.log(-torch.expm1(-gaps))).T
-    if c.lags:
-        bias[torch.arange(c.horizon), c.num_quantiles + best] = BEST_REFERENCE_LOGIT
-    head = model.head
-    head.bias.copy_(bias.reshape(-1).to(head.bias.device))
-    head.weight.mul_(HEAD_WEIGHT_SCALE)
-    names = ["latest", *(f"lag {lag}" for lag in c.lags or ())]
-    picked = {k + 1: names[int(b)] for k, b in enumerate(best.tolist()) if k == 0 or b != best[k - 1]}
-    log.info("head starts at the best reference per horizon step (from step: reference): %s", picked)
-
-
 def pinball_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
     """pred (B, W, h, Q), target (B, W, h), mask (B, W) -> mean pinball loss over masked points."""
     total, count = pinball_sum(pred, target, mask, quantiles)
@@ -550,13 +502,6 @@ def train_model(
     every_start = np.concatenate([train_w.starts, val_w.starts, recent_w.starts])
     warm = _warm_states(model, train_w, every_start) if cfg.warm_start else None
     best_warm = warm
-    if cfg.reference_init:
-        init_head_from_references(model, train_w, cfg)
-        if warm is not None:
-            warm = best_warm = _warm_states(model, train_w, every_start)
-        result.best_val_loss = evaluate_loss(model, val_w, cfg, quantiles, warm, workers)
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        log.info("epoch 0 (the head at its references) val_loss=%.5g", result.best_val_loss)
     # Redrawn at most every 2 s when stderr is a log file rather than a terminal.
     bar = tqdm(
         total=steps_per_epoch * cfg.max_epochs + finetune_steps,
