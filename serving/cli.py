@@ -23,6 +23,7 @@ from serving.config import (
 from serving.logs import setup_logging
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+STATE_SECRET_ENV = "FORECAST_STATE_SECRET"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,6 +79,13 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="require 'authorization: Bearer TOKEN' on every RPC but health; one token a line, # comments",
+    )
+    a(
+        "--state-secret-file",
+        type=Path,
+        default=None,
+        help=f"secret that signs resumable-series snapshots (return_state/resume_state), the same on every "
+        f"replica; or ${STATE_SECRET_ENV}. Without one, snapshots are refused",
     )
     a(
         "--device",
@@ -210,6 +218,8 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> ServerConf
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
             auth_token_file=args.auth_token_file,
+            state_secret_file=args.state_secret_file,
+            state_secret=environ[STATE_SECRET_ENV].encode() if STATE_SECRET_ENV in environ else None,
         ),
     )
 

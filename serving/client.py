@@ -13,7 +13,7 @@ Library:
 
 CLI:
     python -m serving.client stream --target HOST:PORT --csv FILE [--series-col C] [--timestamp-col C]
-                                    [--value-col C] [--covariate-cols A,B] [--batch N]
+                                    [--value-col C] [--covariate-cols A,B] [--batch N] [--state-file PATH]
     python -m serving.client stream --target HOST:PORT --demo     # a slice of the bundled elecdemand
     python -m serving.client forecast --target HOST:PORT (--csv FILE | --demo)
     python -m serving.client info --target HOST:PORT
@@ -24,7 +24,9 @@ CLI:
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
+import json
 import os
 import sys
 import time
@@ -47,7 +49,7 @@ TOKEN_ENV = "FORECAST_TOKEN"
 
 def observation(
     series_id: str, timestamp_ms: int, value: float, covariates: Sequence[float] = (),
-    reset: bool = False, end: bool = False,
+    reset: bool = False, end: bool = False, resume_state: bytes = b"",
 ) -> pb.Observation:  # fmt: skip
     return pb.Observation(
         series_id=series_id,
@@ -56,6 +58,7 @@ def observation(
         covariates=covariates,
         reset=reset,
         end=end,
+        resume_state=resume_state,
     )
 
 
@@ -151,11 +154,57 @@ class ForecastClient:
         request = pb.ForecastRequest(series=list(histories))
         return list(self._stub.Forecast(request, timeout=self._timeout, metadata=self._metadata).forecasts)
 
-    def stream(self, batches: Iterable[Sequence[pb.Observation]]) -> Iterator[list[pb.SeriesForecast]]:
-        """One StreamForecast call: each batch is one request; yields each answer's forecasts."""
-        requests = (pb.StreamRequest(observations=list(b)) for b in batches)
+    def stream(
+        self, batches: Iterable[Sequence[pb.Observation]], return_state: bool = False
+    ) -> Iterator[list[pb.SeriesForecast]]:
+        """One StreamForecast call: each batch is one request; yields each answer's forecasts (with
+        return_state, each carries its series' snapshot in `state`)."""
+        requests = (pb.StreamRequest(observations=list(b), return_state=return_state) for b in batches)
         for response in self._stub.StreamForecast(requests, metadata=self._metadata):
             yield list(response.forecasts)
+
+
+class StateFile:
+    """The latest snapshot of each series (CONTRACT §8) in a JSON file, so that a stream cut off
+    (the server died, the client stopped) carries on where it was, on any server with the same
+    model version and state secret: run the same command again. Rows at or before a series' last
+    answered observation are skipped; the series' next observation carries its snapshot as
+    resume_state. The file is rewritten (atomically) after every answer.
+
+    Layout: {"series": {SERIES_ID: {"timestamp_ms": INT, "steps_seen": INT, "state": BASE64}}}
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.series: dict[str, dict] = {}
+        if self.path.exists():
+            try:
+                self.series = json.loads(self.path.read_text())["series"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise SystemExit(f"--state-file {self.path}: not a state file written by this client ({exc})") from exc
+        self._resumed: set[str] = set()
+
+    def applied(self, series_id: str, timestamp_ms: int) -> bool:
+        """True when the series' snapshot has already absorbed this observation."""
+        kept = self.series.get(series_id)
+        return kept is not None and timestamp_ms <= kept["timestamp_ms"]
+
+    def resume(self, o: pb.Observation) -> pb.Observation:
+        """The observation, carrying its series' snapshot if it is the series' first one this run."""
+        kept = self.series.get(o.series_id)
+        if kept is not None and o.series_id not in self._resumed:
+            o.resume_state = base64.b64decode(kept["state"])
+        self._resumed.add(o.series_id)
+        return o
+
+    def update(self, forecasts: Iterable[pb.SeriesForecast]) -> None:
+        for f in forecasts:
+            if f.state:
+                state = base64.b64encode(f.state).decode()
+                self.series[f.series_id] = {"timestamp_ms": f.timestamp_ms, "steps_seen": f.steps_seen, "state": state}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"series": self.series}))
+        tmp.replace(self.path)
 
 
 # -- reading data for the CLI ------------------------------------------------------------------------
@@ -253,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--value-col", default="value")
     p.add_argument("--covariate-cols", default=None, help="comma-separated (default: the model's covariate names)")
     p.add_argument("--batch", type=int, default=1, help="observations per stream message")
+    p.add_argument(
+        "--state-file",
+        default=None,
+        help="stream: keep each series' latest snapshot here and resume from it (skipping rows already "
+        "answered) when run again, on this or another server with the same model version and state secret",
+    )
     p.add_argument("--start", type=int, default=0, help="--demo: first row")
     p.add_argument("--limit", type=int, default=48 * 7, help="--demo: rows to replay (default one week)")
     p.add_argument("--tls", action="store_true", help="use TLS, checking the server against the system's CAs")
@@ -294,12 +349,19 @@ def main(argv: list[str] | None = None) -> int:
                     print(describe(f))
                 return 0
             rows = list(zip(table.series, table.timestamps_ms, table.values, table.covariates))
+            state = StateFile(args.state_file) if args.state_file else None
+            if state is not None:
+                rows = [r for r in rows if not state.applied(r[0], r[1])]
             batches = (
                 [observation(s, t, v, c) for s, t, v, c in rows[i : i + args.batch]]
                 for i in range(0, len(rows), max(1, args.batch))
             )
+            if state is not None:
+                batches = ([state.resume(o) for o in batch] for batch in batches)
             count, started = 0, time.perf_counter()
-            for forecasts in client.stream(batches):
+            for forecasts in client.stream(batches, return_state=state is not None):
+                if state is not None:
+                    state.update(forecasts)
                 for f in forecasts:
                     print(describe(f), flush=False)
                 count += len(forecasts)

@@ -101,6 +101,10 @@ class SecurityConfig:
     tls_key: Path | None = None  # its private key (PEM)
     tls_client_ca: Path | None = None  # CA bundle (PEM) client certificates must chain to: mutual TLS
     auth_token_file: Path | None = None  # one token a line: every RPC but health needs one of them
+    # Signs resumable-series snapshots (CONTRACT §8): a file (--state-secret-file) or the value of
+    # FORECAST_STATE_SECRET, never both; neither: return_state/resume_state are refused.
+    state_secret_file: Path | None = None
+    state_secret: bytes | None = field(default=None, repr=False)  # never logged
 
     def __post_init__(self) -> None:
         _require(
@@ -110,6 +114,10 @@ class SecurityConfig:
         _require(
             self.tls_client_ca is None or self.tls_cert is not None,
             "tls_client_ca (--tls-client-ca) needs TLS: give --tls-cert and --tls-key as well",
+        )
+        _require(
+            self.state_secret_file is None or self.state_secret is None,
+            "give the state secret once: --state-secret-file or FORECAST_STATE_SECRET, not both",
         )
 
     @property

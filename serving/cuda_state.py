@@ -89,6 +89,21 @@ class DeviceResidentStepper:
         self._resident = _Resident(rows.copy(), np.array(epochs, copy=True), new_states)
         return forecast.numpy()
 
+    def read(self, arena: StateArena, rows: np.ndarray, epochs: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """Host copies of some rows' state, as StateArena.read. Rows of the resident batch are read from
+        the device values (copied whole to the host: one transfer per state tensor), which stay
+        resident; otherwise the resident state is flushed and the arena read."""
+        res = self._resident
+        if res is not None:
+            where = {(r, e): k for k, (r, e) in enumerate(zip(res.rows.tolist(), res.epochs.tolist()))}
+            positions = [where.get(key) for key in zip(rows.tolist(), np.asarray(epochs).tolist())]
+            if None not in positions:
+                axes = [t.batch_axis for t in arena.tensors]
+                states = [np.take(v.numpy(), positions, axis=axis) for v, axis in zip(res.values, axes)]
+                return states, np.ones(len(rows), bool)
+        self.flush(arena)
+        return arena.read(rows, epochs)
+
     def flush(self, arena: StateArena) -> None:
         """Copy the resident device state back into the arena and forget it."""
         res, self._resident = self._resident, None

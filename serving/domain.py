@@ -24,6 +24,9 @@ class Observations:
     covariates: Sequence[Sequence[float]]  # one row per observation, each of the model's C
     reset: Sequence[bool]
     end: Sequence[bool]
+    # Per observation: a snapshot to restore first (b"": none); () when no observation has one.
+    resume_state: Sequence[bytes] = ()
+    return_state: bool = False  # answer each step with its series' signed state snapshot
 
     def __len__(self) -> int:
         return len(self.series_ids)
@@ -68,6 +71,9 @@ class StepBatch:
     freq_ms: int
     quantiles: tuple[float, ...]
     point_index: int  # which quantile is the point forecast
+    # Per row: the series' signed state snapshot where its request asked (return_state), else None;
+    # None for the whole batch when no request in it asked.
+    states: list[bytes | None] | None = None
 
     def __len__(self) -> int:
         return len(self.series_ids)

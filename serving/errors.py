@@ -17,6 +17,9 @@ class ServingError(Exception):
     # The configured limit this refusal enforces (the `limit` label of
     # forecast_limit_refusals_total), or None for errors that are not about a limit.
     limit: str | None = None
+    # Why a snapshot (CONTRACT §8) was refused (the `reason` label of
+    # forecast_snapshot_refusals_total), or None for errors that are not about one.
+    snapshot_refusal: str | None = None
 
 
 class InvalidInput(ServingError):
@@ -70,6 +73,34 @@ class Unsupported(ServingError):
 
 class StatePreconditionFailed(ServingError):
     """A series' state cannot be used as asked (e.g. it belongs to another model version)."""
+
+
+class SnapshotRefused(InvalidInput):
+    """A resume_state that is no snapshot this server can trust (garbage, truncated, altered, another
+    secret, an unknown format version), or one sent where the series is already live."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.snapshot_refusal = reason
+
+
+class SnapshotOfOtherModel(StatePreconditionFailed):
+    """A genuine snapshot of another model name or version than the one served."""
+
+    snapshot_refusal = "other_model"
+
+
+class SnapshotsOff(StatePreconditionFailed):
+    """return_state or resume_state asked of a server that has no state secret."""
+
+    snapshot_refusal = "no_secret"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this server has no state secret, so return_state and resume_state are off: start it with "
+            "--state-secret-file PATH or the environment variable FORECAST_STATE_SECRET (the same secret on "
+            "every replica that should accept the snapshots)"
+        )
 
 
 class ModelContractError(ServingError):

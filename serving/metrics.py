@@ -25,6 +25,12 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # The `limit` labels of forecast_limit_refusals_total (ServingError.limit: the flag without its
 # dashes), exposed at 0 from the start so an alert can watch each one.
 LIMITS = ("max_series", "max_series_per_stream", "max_streams", "max_observations_per_request", "max_series_id_bytes")
+# The `reason` labels of forecast_snapshot_refusals_total (ServingError.snapshot_refusal), at 0 from
+# the start: not a snapshot, cut short, an unknown format version, a bad signature (altered, or
+# another secret), another model version, resume on a series already live, no secret configured.
+SNAPSHOT_REFUSALS = (
+    "garbage", "truncated", "format_version", "signature", "other_model", "series_live", "no_secret",
+)  # fmt: skip
 PROTOCOLS = ("forecast.v1", "oip-grpc", "oip-http")
 STREAMING_PROTOCOLS = ("forecast.v1", "oip-grpc")
 # What the rows of a step ORT call belonged to: streams' series, server-wide sequences, or both.
@@ -130,6 +136,18 @@ class Metrics:
         )
         for limit in LIMITS:
             self.limit_refusals.labels(limit)
+        self.snapshots_returned = Counter(
+            "forecast_snapshots_returned", "Signed series state snapshots sent (return_state)", registry=r
+        )
+        self.resumed = Counter("forecast_series_resumed", "Series restored from a snapshot (resume_state)", registry=r)
+        self.snapshot_refusals = Counter(
+            "forecast_snapshot_refusals",
+            "Requests refused over a snapshot, by reason: " + ", ".join(SNAPSHOT_REFUSALS),
+            ["reason"],
+            registry=r,
+        )
+        for reason in SNAPSHOT_REFUSALS:
+            self.snapshot_refusals.labels(reason)
         self.unauthenticated = Counter(
             "forecast_unauthenticated", "RPCs refused for a missing or wrong bearer token", registry=r
         )

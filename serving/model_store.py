@@ -38,6 +38,7 @@ from serving.contract import ModelSpec
 from serving.domain import ModelDescription
 from serving.errors import ModelContractError, ModelNotReady, RegistryUnavailable, ServingError, UnknownModel
 from serving.runtime import OrtModel
+from serving.snapshots import SnapshotCodec
 from serving.state import StateArena
 from serving.stepper import INLINE_MAX_ROWS, BatchObserver, StepProcessor
 
@@ -117,15 +118,19 @@ class LoadedModel:
         batch: BatchConfig,
         state: StateConfig,
         observe_batch: BatchObserver | None = None,
+        state_secret: bytes | None = None,
     ) -> None:
         self.name, self.version, self.ort = name, version, ort_model
         spec = ort_model.spec
         self.arena = StateArena(ort_model.state, state.initial_capacity, state.max_series)
+        # Signs and reads this version's state snapshots (None: no secret, snapshots are refused).
+        self.snapshots = SnapshotCodec(state_secret, name, version, ort_model.state) if state_secret else None
         # One thread: ORT calls of a version run one at a time (the CUDA path keeps state in it).
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{name}-{version}")
         self.stepper = process = StepProcessor(
             functools.partial(ort_model.step, self.arena), self.arena, spec, version,
             self.executor, batch.max_batch_size, observe_batch,
+            functools.partial(ort_model.read_state, self.arena), self.snapshots,
         )  # fmt: skip
         # Batches small enough to run on the event loop wait one loop turn for more rows (see batcher).
         self.batcher = MicroBatcher(
@@ -182,8 +187,10 @@ class ModelStore:
         on_change: Callable[[LoadedModel], None] | None = None,
         on_refused: Callable[[str], None] | None = None,
         on_watch_failure: Callable[[], None] | None = None,
+        state_secret: bytes | None = None,
     ) -> None:
         self.ref = ModelRef.parse(source.model_uri, source.model_name)
+        self._state_secret = state_secret
         self._source, self._runtime, self._batch, self._state = source, runtime, batch, state
         self._observe_batch = observe_batch
         self._on_change, self._on_refused, self._on_watch_failure = on_change, on_refused, on_watch_failure
@@ -291,7 +298,9 @@ class ModelStore:
 
     async def load(self, version: str) -> LoadedModel:
         ort_model = await asyncio.to_thread(self._open, version)
-        return LoadedModel(self.ref.name, version, ort_model, self._batch, self._state, self._observe_batch)
+        return LoadedModel(
+            self.ref.name, version, ort_model, self._batch, self._state, self._observe_batch, self._state_secret
+        )
 
     async def start(self) -> LoadedModel:
         """Load the initial version; errors propagate (the server cannot start without a model)."""

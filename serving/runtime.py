@@ -162,6 +162,14 @@ class OrtModel:
         arena.scatter(rows, epochs, new_states)
         return forecast
 
+    def read_state(
+        self, arena: StateArena, rows: np.ndarray, epochs: np.ndarray
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """The rows' state right after their step (on the thread that ran it), as StateArena.read."""
+        if self._device is not None:
+            return self._device.read(arena, rows, epochs)
+        return arena.read(rows, epochs)
+
     def sequence(self, values: np.ndarray, timestamps_ms: np.ndarray, covariates: np.ndarray) -> np.ndarray:
         """Whole histories from zero state: values [B, T], timestamps_ms [B, T], covariates [B, T, C].
 

@@ -26,6 +26,7 @@ import grpc
 
 from serving.config import SecurityConfig
 from serving.errors import CredentialsError, Unauthenticated, grpc_status
+from serving.snapshots import MIN_SECRET_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,27 @@ def _read(path: Path, flag: str) -> bytes:
     if not data.strip():
         raise CredentialsError(f"{flag} {path}: the file is empty")
     return data
+
+
+def state_secret(config: SecurityConfig) -> bytes | None:
+    """The secret that signs state snapshots: the file's bytes (surrounding whitespace and a final
+    newline dropped) or FORECAST_STATE_SECRET's; None when neither is configured.
+
+    Raises CredentialsError for an unreadable or empty file, or a secret under 16 bytes.
+    """
+    if config.state_secret_file is not None:
+        where = f"--state-secret-file {config.state_secret_file}"
+        secret = _read(config.state_secret_file, "--state-secret-file").strip()
+    elif config.state_secret is not None:
+        where, secret = "FORECAST_STATE_SECRET", config.state_secret.strip()
+    else:
+        return None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise CredentialsError(
+            f"{where}: the state secret has {len(secret)} bytes, at least {MIN_SECRET_BYTES} are needed "
+            "(e.g. `openssl rand -hex 32`)"
+        )
+    return secret
 
 
 def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:

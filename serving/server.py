@@ -33,6 +33,7 @@ from serving.security import (
     read_tokens,
     server_credentials,
     server_ssl_context,
+    state_secret,
 )
 from serving.servicer import ForecasterServicer, forecaster_handler
 
@@ -59,10 +60,17 @@ class ForecastServer:
             checker = TokenChecker(read_tokens(config.security.auth_token_file))
             self.tokens = len(checker)
             interceptors.append(TokenAuthInterceptor(checker, on_refused=self.metrics.unauthenticated.inc))
+        secret = state_secret(config.security)  # resumable series (CONTRACT §8): off without one
+        log.info(
+            "event=state_snapshots enabled=%s source=%s", secret is not None,
+            "--state-secret-file" if config.security.state_secret_file else
+            "FORECAST_STATE_SECRET" if secret is not None else "none (return_state/resume_state are refused)",
+        )  # fmt: skip
         self.models = ModelStore(
             config.source, config.runtime, config.batch, config.state,
             observe_batch=self.metrics.observe_batch, on_change=self._model_changed,
             on_refused=lambda version: self.metrics.refused.inc(), on_watch_failure=self.metrics.watch_failures.inc,
+            state_secret=secret,
         )  # fmt: skip
         self.plane = DataPlane(self.models, config.state, self.metrics, config.limits)
         self.live = LiveMonitor(config.monitor, self.models, config.source.watch_interval_s)

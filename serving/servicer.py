@@ -60,18 +60,26 @@ def observations_from(request: pb.StreamRequest) -> Observations:
     # One pass over the messages: field access is the per-observation cost that matters here.
     # The repeated covariates stay protobuf containers until the batch is assembled.
     observations = request.observations
+    back = request.return_state
     if len(observations) == 1:  # one observation per message: no zip and unpacking
         o = observations[0]
-        return Observations((o.series_id,), (o.timestamp_ms,), (o.value,), (o.covariates,), (o.reset,), (o.end,))
+        resume = (o.resume_state,) if o.resume_state else ()
+        return Observations(
+            (o.series_id,), (o.timestamp_ms,), (o.value,), (o.covariates,), (o.reset,), (o.end,), resume, back
+        )
     fields = [(o.series_id, o.timestamp_ms, o.value, o.covariates, o.reset, o.end) for o in observations]
     if not fields:
-        return Observations([], [], [], [], [], [])
+        return Observations([], [], [], [], [], [], (), back)
     ids, ts, values, covariates, reset, end = zip(*fields)
-    return Observations(ids, ts, values, covariates, reset, end)
+    resume = [o.resume_state for o in observations]
+    return Observations(ids, ts, values, covariates, reset, end, resume if any(resume) else (), back)
 
 
 def stream_request(request: pb.StreamRequest) -> Request:
-    return Request(observations_from(request), request.model)
+    obs = observations_from(request)
+    resumed = sum(1 for data in obs.resume_state if data)
+    # tag: (snapshots the answer carries, series it resumes), counted once the request is answered
+    return Request(obs, request.model, tag=(len(obs) if obs.return_state else 0, resumed))
 
 
 def histories_from(request: pb.ForecastRequest) -> list[History]:
@@ -101,6 +109,8 @@ class ForecasterServicer:
             log.info("event=rpc_refused rpc=%s code=%s message=%r", rpc, code.name, message)
         if isinstance(exc, ServingError) and exc.limit is not None:
             self._metrics.limit_refusals.labels(exc.limit).inc()
+        if isinstance(exc, ServingError) and exc.snapshot_refusal is not None:
+            self._metrics.snapshot_refusals.labels(exc.snapshot_refusal).inc()
         self._metrics.finished(rpc, code.name, PROTOCOL)
         await context.abort(code, message)
 
@@ -137,6 +147,11 @@ class ForecasterServicer:
                     latency.observe(time.perf_counter() - answer.started)
                     observed.inc(answer.size)
                     messages.inc()
+                    returned, resumed = answer.tag
+                    if returned:
+                        self._metrics.snapshots_returned.inc(returned)
+                    if resumed:
+                        self._metrics.resumed.inc(resumed)
                     yield data
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise  # the client went away, or the call was already ended

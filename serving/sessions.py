@@ -18,6 +18,11 @@ A session knows only what it needs: the model store (the current version, and to
 version whose series are gone) and admission (request limits, room for new series). It is the
 owner of its rows in the state arena: idle expiry tells it to forget a series (`forget`).
 A chunk whose series were freed while it waited (its stream went away) is dropped unprocessed.
+
+Resumable series (CONTRACT §8): an observation's `resume_state` is accepted only where its series
+starts a row (new to the stream, or `reset`); the snapshot is verified (serving.snapshots) before
+the wave changes anything and written into the fresh row before its step is queued, so the step
+gathers the restored state. `return_state` marks the chunks whose rows the stepper snapshots.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import numpy as np
 
 from serving import validation
 from serving.domain import ForecastGroup, Observations
+from serving.errors import SnapshotRefused, SnapshotsOff
+from serving.snapshots import Snapshot
 from serving.stepper import StepChunk
 
 if TYPE_CHECKING:
@@ -63,7 +70,9 @@ class StreamSession:
         Raises right away for problems found before anything is queued (unknown model, bad
         series id, request and series limits).
         """
-        self._models.get(model_name, version)  # unknown model or version, or none loaded yet: refuse up front
+        model = self._models.get(model_name, version)  # unknown model or version, or none loaded yet: refuse up front
+        if obs.return_state and model.snapshots is None:
+            raise SnapshotsOff()
         self._admission.check_request(len(obs), obs.series_ids)  # request limits, empty series ids
         retired: list[SeriesRef] = []  # rows to free once this request is answered
         if len(obs.series_ids) == 1:  # one observation per message: its own, shorter path
@@ -118,6 +127,16 @@ class StreamSession:
             index = np.array(positions, np.int64)
         get = self._series.get
         refs: list[SeriesRef | None] = [get(s) for s in ids]
+        resume = obs.resume_state
+        snapshots: dict[int, Snapshot] = {}
+        if resume and any(resume):  # checked before this wave changes anything
+            if positions is not None:
+                resume = [resume[i] for i in positions]
+            snapshots = {
+                k: self._snapshot(data, ids[k], int(index[k]), refs[k] is None or resets[k])
+                for k, data in enumerate(resume)
+                if data
+            }
         if any(resets):
             fresh = [k for k, (ref, reset) in enumerate(zip(refs, resets)) if ref is None or reset]
             retired += [self._series.pop(ids[k]) for k in fresh if refs[k] is not None]  # a reset starts afresh
@@ -133,6 +152,9 @@ class StreamSession:
             rows = current.arena.alloc([(self, sid) for sid in new_ids], now)
             for k, sid, row in zip(fresh, new_ids, rows.tolist()):
                 refs[k] = self._series[sid] = (current, row)
+                if k in snapshots:  # resumed: its first step starts from the snapshot's state
+                    snap = snapshots[k]
+                    current.arena.restore(row, snap.tensors, snap.steps_seen, snap.last_ts)
 
         model = refs[0][0] if refs else None
         if all(ref[0] is model for ref in refs):  # the usual case: every series of the wave on one version
@@ -159,7 +181,7 @@ class StreamSession:
                 epochs = arena.epoch[rows].tolist()
             chunk = StepChunk(
                 index=chunk_index, series_ids=chunk_ids, rows=rows, epochs=epochs,
-                timestamps_ms=chunk_ts, values=chunk_values, covariates=chunk_cov,
+                timestamps_ms=chunk_ts, values=chunk_values, covariates=chunk_cov, snapshot=obs.return_state,
             )  # fmt: skip
             futures.append(model.batcher.enqueue(chunk, len(rows), self))
 
@@ -172,6 +194,8 @@ class StreamSession:
         per message, which is what many one-observation streams pay for."""
         sid = obs.series_ids[0]
         ref = self._series.get(sid)
+        resume = obs.resume_state[0] if obs.resume_state else b""
+        snapshot = self._snapshot(resume, sid, 0, ref is None or obs.reset[0]) if resume else None
         if ref is not None and obs.reset[0]:  # a reset starts afresh
             retired.append(self._series.pop(sid))
             ref = None
@@ -180,17 +204,36 @@ class StreamSession:
             current = self._models.get()
             self._admission.check_new_series(obs.series_ids, _POSITIONS[:1], self.live)
             ref = self._series[sid] = (current, int(current.arena.alloc([(self, sid)], now)[0]))
+            if snapshot is not None:  # resumed: its first step starts from the snapshot's state
+                current.arena.restore(ref[1], snapshot.tensors, snapshot.steps_seen, snapshot.last_ts)
         model, row = ref
         arena = model.arena
         arena.last_used[row] = now  # in use: the idle sweeper must not take this row
         chunk = StepChunk(
             index=_POSITIONS[:1], series_ids=obs.series_ids, rows=[row], epochs=[int(arena.epoch[row])],
             timestamps_ms=obs.timestamps_ms, values=obs.values, covariates=obs.covariates,
+            snapshot=obs.return_state,
         )  # fmt: skip
         future = model.batcher.enqueue(chunk, 1, self)
         if obs.end[0]:  # answered, then freed: a later request starts the series afresh
             retired.append(self._series.pop(sid))
         return future
+
+    def _snapshot(self, data: bytes, series_id: str, position: int, fresh: bool) -> Snapshot:
+        """The snapshot a resume_state holds, for a series that starts a row with this observation
+        (`fresh`), or SnapshotRefused / SnapshotOfOtherModel / SnapshotsOff, raised before the
+        observation's wave changes anything (the stream then ends, as on any refusal)."""
+        where = f"observation {position} (series {series_id!r})"
+        if not fresh:
+            raise SnapshotRefused(
+                "series_live",
+                f"{where}: resume_state is accepted only where a series starts in this stream (its first "
+                "observation in the stream, or one with reset); this series is already live here",
+            )
+        codec = self._models.get().snapshots  # new rows are on the current version
+        if codec is None:
+            raise SnapshotsOff()
+        return codec.decode(data, where)
 
     def forget(self, series_id: str, model: LoadedModel, row: int) -> bool:
         """Drop a series whose row idle expiry is freeing; True if it was still ours."""

@@ -129,6 +129,22 @@ class StateArena:
             for dst, src, axis in zip(self.states, states, self._axes):
                 dst[_at(axis, rows)] = src
 
+    def read(self, rows: np.ndarray, epochs: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """Copies of the rows' states (graph shapes for B = len(rows)) and keep [B]: whether each row
+        still holds the epoch it was asked for (False: freed or handed on; its values are not its)."""
+        with self.lock:
+            states = [np.take(s, rows, axis=axis) for s, axis in zip(self.states, self._axes)]
+            return states, self.epoch[rows] == epochs
+
+    def restore(self, row: int, tensors: Sequence[np.ndarray], steps_seen: int, last_ts: int) -> None:
+        """Put a snapshot's state (each tensor shaped for one series) into a freshly allocated row,
+        before its first step gathers it."""
+        with self.lock:
+            for dst, src, axis in zip(self.states, tensors, self._axes):
+                dst[_at(axis, np.array([row]))] = src
+        self.steps_seen[row] = steps_seen
+        self.last_ts[row] = last_ts
+
     def record_steps(self, rows: np.ndarray, epochs: np.ndarray, timestamps_ms: np.ndarray, now: float) -> np.ndarray:
         """Advance the bookkeeping of the rows still owned by the series that stepped (epoch
         unchanged, as in `scatter`: a row freed, or freed and handed to a new series, while the step

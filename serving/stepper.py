@@ -8,7 +8,11 @@ problem to its chunk; runs the step graph once on the rows that passed (gather s
 run -> scatter `h_out`/`c_out` back, on the event loop for small batches, else on the version's
 executor thread); advances the series' bookkeeping; and gives every chunk its slice of one
 shared StepBatch. A chunk with bad input gets its own exception and is left out; so does one
-whose forecast came out non-finite; the other chunks in the batch are unaffected.
+whose forecast came out non-finite; the other chunks in the batch are unaffected. Rows of chunks
+that asked for return_state have their state read right after their ORT call and signed there,
+on the thread that ran it (before a later call can overwrite it; on the resident path, from the
+device values; a large batch's signing stays off the event loop), into the StepBatch
+(serving.snapshots) with their new steps_seen and timestamp.
 
 A chunk may follow another one (`after`: the previous step of the same sequence, queued by the
 same request): it is refused, unprocessed, when that one was refused, so a request's steps are
@@ -32,6 +36,7 @@ from serving import validation
 from serving.contract import ModelSpec
 from serving.domain import ForecastGroup, StepBatch
 from serving.errors import ServingError, StatePreconditionFailed
+from serving.snapshots import SnapshotCodec
 from serving.state import StateArena
 
 # step(rows [B], epochs [B], values [B], timestamps_ms [B], covariates [B, C]) -> forecast [B, horizon, Q]
@@ -41,6 +46,9 @@ BatchObserver = Callable[[int, float, str], None]
 # monitor(rows [B], epochs [B], series_ids [B], values [B], timestamps_ms [B], forecast [B, H, Q],
 #   covariates [B, C]): the rows stepped, after the step (serving.live scores them)
 StepMonitor = Callable[[np.ndarray, np.ndarray, list, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+# read_state(rows [B], epochs [B]) right after their step, on the thread that ran it -> (each state
+# tensor for the B rows in its graph shape, keep [B]: False where the row changed hands meanwhile)
+ReadStateFn = Callable[[np.ndarray, np.ndarray], tuple[list[np.ndarray], np.ndarray]]
 
 log = logging.getLogger(__name__)
 _chain = itertools.chain.from_iterable
@@ -68,6 +76,7 @@ class StepChunk:
     covariates: Sequence[Sequence[float]]  # per observation
     kind: str = "stream"  # whose rows: a stream's series ("stream") or server-wide sequences ("sequence")
     after: asyncio.Future | None = None  # the chunk that must have succeeded before this one runs
+    snapshot: bool = False  # answer each step with its series' signed state (return_state)
 
 
 class StepProcessor:
@@ -80,9 +89,12 @@ class StepProcessor:
         executor: Executor,
         max_batch_size: int,
         observe: BatchObserver | None = None,
+        read_state: ReadStateFn | None = None,
+        snapshots: SnapshotCodec | None = None,
     ) -> None:
         self._step, self._arena, self._spec, self._version = step, arena, spec, version
         self._executor, self._max, self._observe = executor, max_batch_size, observe
+        self._read_state, self._snapshots = read_state, snapshots
         self._max_ts = validation.max_timestamp_ms(spec.horizon, spec.freq_ms)
         self.monitor: StepMonitor | None = None  # live accuracy of this version, when on
 
@@ -146,15 +158,23 @@ class StepProcessor:
             if not chunks:
                 return results
         cov = flat_cov.reshape(len(rows), spec.num_covariates)
+        # Rows whose request asked for return_state (None: none did, the usual case).
+        want = (
+            np.repeat([c.snapshot for c in chunks], [len(c.series_ids) for c in chunks])
+            if any(c.snapshot for c in chunks)
+            else None
+        )
 
         started = time.perf_counter()
         if len(rows) <= INLINE_MAX_ROWS:  # a hand-off to the executor thread costs more than this call
-            forecast = self._run(rows, epochs, values, ts, cov)
+            forecast, states = self._run(rows, epochs, values, ts, cov, want)
         else:  # ORT releases the GIL: the loop parses and queues the next requests meanwhile
             # (A wait, GIL released, until the thread had entered ORT was measured and dropped:
             # bench/stream.py (a) within noise, see docs/benchmarks.md, 2026-12-02.)
             loop = asyncio.get_running_loop()
-            forecast = await loop.run_in_executor(self._executor, self._run, rows, epochs, values, ts, cov)
+            forecast, states = await loop.run_in_executor(
+                self._executor, self._run, rows, epochs, values, ts, cov, want
+            )
         if self._observe is not None:
             kinds = {c.kind for c in chunks}
             self._observe(len(rows), time.perf_counter() - started, kinds.pop() if len(kinds) == 1 else "both")
@@ -168,6 +188,7 @@ class StepProcessor:
             freq_ms=spec.freq_ms,
             quantiles=spec.quantiles,
             point_index=spec.point_index,
+            states=states,
         )
         # A chunk whose step overflowed is refused like bad input; its stream ends on the error and
         # frees its series, so the state the step wrote is never used.
@@ -207,17 +228,42 @@ class StepProcessor:
             log.exception("event=live_scoring_failed version=%s rows=%d", self._version, len(rows))
 
     def _run(
-        self, rows: np.ndarray, epochs: np.ndarray, values: np.ndarray, ts: np.ndarray, cov: np.ndarray
-    ) -> np.ndarray:
-        """On the executor thread: ORT calls of at most max_batch_size rows."""
-        if len(rows) <= self._max:
-            return self._step(rows, epochs, values, ts, cov)
-        m = self._max
-        parts = [
-            self._step(rows[i : i + m], epochs[i : i + m], values[i : i + m], ts[i : i + m], cov[i : i + m])
-            for i in range(0, len(rows), m)
-        ]
-        return np.concatenate(parts)
+        self,
+        rows: np.ndarray,
+        epochs: np.ndarray,
+        values: np.ndarray,
+        ts: np.ndarray,
+        cov: np.ndarray,
+        want: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, list[bytes | None] | None]:
+        """On the executor thread (or the loop, for small batches): ORT calls of at most
+        max_batch_size rows -> (forecast [B, horizon, Q], per row the signed snapshot where `want`
+        [B] asks for one, else None; None when nothing is wanted)."""
+        m, parts = self._max, []
+        snapshots: list[bytes | None] | None = None if want is None else [None] * len(rows)
+        for i in range(0, len(rows), m):
+            part = slice(i, i + m)
+            parts.append(self._step(rows[part], epochs[part], values[part], ts[part], cov[part]))
+            if snapshots is not None and want[part].any():  # before the next call overwrites the state
+                self._snapshot(np.flatnonzero(want[part]) + i, rows, epochs, ts, snapshots)
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), snapshots
+
+    def _snapshot(
+        self, picked: np.ndarray, rows: np.ndarray, epochs: np.ndarray, ts: np.ndarray, out: list[bytes | None]
+    ) -> None:
+        """Sign the state of the batch rows `picked` right after their step into out[picked]; rows
+        that changed hands while the step ran (their stream is gone) get none."""
+        codec = self._snapshots
+        assert codec is not None and self._read_state is not None  # sessions refuse return_state without a secret
+        tensors, keep = self._read_state(rows[picked], epochs[picked])
+        # steps_seen after this step: the loop adds its 1 (record_steps) once this call is back, and
+        # only the loop changes a live row's count.
+        steps = self._arena.steps_seen[rows[picked]] + 1
+        axes = [t.batch_axis for t in self._arena.tensors]
+        for k, (j, kept) in enumerate(zip(picked.tolist(), keep.tolist())):
+            if kept:
+                one = [t[(slice(None),) * axis + (slice(k, k + 1),)] for t, axis in zip(tensors, axes)]
+                out[j] = codec.encode(one, int(steps[k]), int(ts[j]))
 
 
 def _refused(step: asyncio.Future) -> bool:

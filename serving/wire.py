@@ -11,10 +11,11 @@ message class; tests check it against the protobuf runtime.
 Field numbers must match protos/forecast/v1/forecast.proto:
   StreamResponse/ForecastResponse.forecasts = 1 (both have the same layout)
   SeriesForecast: series_id 1, timestamp_ms 2, forecast_timestamps_ms 3 (packed varint),
-                  point 4 (packed float), quantiles 5, model_version 6, steps_seen 7
+                  point 4 (packed float), quantiles 5, model_version 6, steps_seen 7,
+                  state 8 (bytes; only in rows whose request asked for return_state)
   QuantileForecast: quantile 1 (float), values 2 (packed float)
 Fields may appear in any order on the wire (parsers must accept that); we write them as
-series_id, timestamp_ms, forecast_timestamps_ms, point, quantiles, model_version, steps_seen.
+series_id, timestamp_ms, forecast_timestamps_ms, point, quantiles, model_version, steps_seen, state.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ _THRESHOLDS = np.array([1 << (7 * k) for k in range(1, 10)], np.uint64)  # 2^7 .
 # steps), so 8 MiB keeps ~19,000 distinct observation times, over a year of half-hourly steps.
 HEADS_BUDGET_BYTES = 8 << 20
 TIMING_BUDGET_BYTES = 8 << 20
-PARTS_PER_ROW = 7
+PARTS_PER_ROW = 8
+_STATE_TAG = b"\x42"  # SeriesForecast.state: field 8, length-delimited
 
 
 def varint(n: int) -> bytes:
@@ -183,16 +185,19 @@ class ForecastEncoder:
         freq_ms: int,
         quantiles: Sequence[float],
         point_index: int,
+        states: Sequence[bytes | None] | None = None,
     ) -> list[bytes | memoryview]:
         """The encoded `forecasts` entries (tag, length, SeriesForecast), PARTS_PER_ROW parts per
         row: b"".join of rows i..j's parts is a valid StreamResponse holding those forecasts.
 
         timestamps_ms int64 [n], forecast float32 [n, horizon, Q] in raw units, steps_seen int64 [n];
-        the forecast timestamps are timestamps_ms + k * freq_ms for k = 1..horizon.
+        the forecast timestamps are timestamps_ms + k * freq_ms for k = 1..horizon; states [n] (optional)
+        the rows' state snapshots (None: no state field in that row).
         """
         batch = StepBatch(
-            list(series_ids), timestamps_ms, forecast, steps_seen, model_version, freq_ms, tuple(quantiles), point_index
-        )
+            list(series_ids), timestamps_ms, forecast, steps_seen, model_version, freq_ms, tuple(quantiles),
+            point_index, None if states is None else list(states),
+        )  # fmt: skip
         return self._row_parts(batch, 0, len(batch))
 
     def _prepare(self, batch: StepBatch) -> _Prepared:
@@ -231,6 +236,8 @@ class ForecastEncoder:
         base = width + len(tail)
         v, cache, out = varint_of, self._heads, []
         heads = cache.recent
+        states = batch.states
+        state_b = b""
         for i in range(start, stop):
             sid = batch.series_ids[i]
             head = heads.get(sid)  # series_id field; a stream sends the same ids again and again
@@ -238,8 +245,11 @@ class ForecastEncoder:
                 head = cache.get_or_make(sid, _series_id_field)
                 heads = cache.recent  # a new generation may have started
             time_fields, steps_b = timing[i], v(steps_seen[i])
-            size = base + len(head) + len(time_fields) + len(steps_b)
-            out += (b"\x0a", v(size), head, time_fields, raw[i * width : (i + 1) * width], tail, steps_b)
+            if states is not None:
+                state = states[i]
+                state_b = b"" if state is None else b"".join((_STATE_TAG, v(len(state)), state))
+            size = base + len(head) + len(time_fields) + len(steps_b) + len(state_b)
+            out += (b"\x0a", v(size), head, time_fields, raw[i * width : (i + 1) * width], tail, steps_b, state_b)
         return out
 
     def encode_groups(self, groups: Sequence[ForecastGroup], n: int) -> bytes:

@@ -93,12 +93,33 @@ def tiny_model_dir(tmp_path_factory) -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture(scope="session")
+def _empty_mlflow_db(tmp_path_factory) -> Path:
+    """An sqlite tracking store with MLflow's schema, made once a session: creating one runs
+    MLflow's migrations (seconds each time); each test gets a copy (see mlflow_store)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch) -> Iterator[str]:
+def mlflow_store(tmp_path, monkeypatch, _empty_mlflow_db) -> Iterator[str]:
     """A fresh sqlite tracking store and artifact root in a temp dir; yields the tracking URI."""
+    import shutil
+    import sqlite3
+
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(_empty_mlflow_db, db)
+    with sqlite3.connect(db) as conn:  # the Default experiment's artifacts go under this test's dir
+        conn.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (str(tmp_path / "mlruns" / "0"),)
+        )
+    conn.close()
+    uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # the sqlite store's default artifact root is ./mlruns
     mlflow.set_tracking_uri(uri)

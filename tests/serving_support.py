@@ -239,12 +239,13 @@ class OfflineModel:
 class Stream:
     """One open StreamForecast call (generated stubs) driven message by message."""
 
-    def __init__(self, stub: Any) -> None:
+    def __init__(self, stub: Any, timeout: float | None = 120) -> None:
+        """``timeout``: the whole call's deadline (None: none, for a stream that lives through a test)."""
         from serving.proto import pb
 
         self._pb = pb
         self.requests: queue.Queue = queue.Queue()
-        self.responses = stub.StreamForecast(iter(self.requests.get, None), timeout=120)
+        self.responses = stub.StreamForecast(iter(self.requests.get, None), timeout=timeout)
 
     def send(self, *observations: dict) -> list:
         pb = self._pb

@@ -366,8 +366,10 @@ class Forecaster(nn.Module):
         raw = self.head(hidden).unflatten(-1, shape)
         if cfg.lags:
             ref = reference if cfg.members == 1 else reference.unsqueeze(-3)  # (..., [1,] horizon, R)
-            # contiguous() first, as for softplus below: softmax on the strided view measured ~4x slower.
-            base = (torch.softmax(raw[..., q:].contiguous(), dim=-1) * ref).sum(dim=-1, keepdim=True)
+            # Softmax over the references with them on the second-last axis: over a last axis of 2-3
+            # elements torch's CPU kernel measured 7-12x slower (0.6 of 1.2 s of a bank_calls step).
+            weights = torch.softmax(raw[..., q:].transpose(-1, -2), dim=-2)  # (..., R, horizon)
+            base = (weights * ref.transpose(-1, -2)).sum(dim=-2).unsqueeze(-1)
         else:
             base = reference
             for _ in shape:

@@ -77,7 +77,8 @@ class Neighbour:
     """A well-formed series on its own stream next to the fuzzed ones, checked at every step."""
 
     def __init__(self, stub, model_dir, covariates: int) -> None:
-        self.stream, self.offline, self.covariates, self.t = Stream(stub), OfflineModel(model_dir), covariates, 0
+        # No deadline on the call: it lives through every example of the module (minutes on shared cores).
+        self.stream, self.offline, self.covariates, self.t = Stream(stub, None), OfflineModel(model_dir), covariates, 0
 
     def step(self) -> None:
         ts, value = START_MS + self.t * FREQ_MS, 10.0 + self.t % 7

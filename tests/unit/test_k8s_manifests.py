@@ -4,6 +4,7 @@ InferenceService, against KServe's own CRD schema; then what the manifests must 
 server: probes on its health service, the GPU request, draining time, secrets, non-root."""
 
 import gzip
+import itertools
 import json
 import re
 import shutil
@@ -25,9 +26,9 @@ LATEST = "1.37.0"
 # The oldest API each variant is checked against: the base needs preStop `sleep` (1.30); the TLS
 # overlay needs the gRPC probe's `mode` (1.37).
 OLDEST = {"base": "1.30.0", "overlays/cpu": "1.30.0", "overlays/tls": LATEST}
-# CONTRACT §5 and §8 flags that colleagues are adding to serving/cli.py; until they land, the
+# CONTRACT §5 flags that colleagues are adding to serving/cli.py; until they land, the
 # manifests may use exactly these names (each takes one value) and nothing else unknown.
-CONTRACT_FLAGS_PENDING = {"--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token-file", "--state-secret-file"}
+CONTRACT_FLAGS_PENDING = {"--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token-file"}
 SERVING = dockerfile_stages()["serving"]
 
 
@@ -97,7 +98,7 @@ def parse_server_args(argv: list[str]) -> tuple[object, dict[str, str]]:
     args, unknown = parser().parse_known_args(argv)
     pending = dict(zip(unknown[::2], unknown[1::2]))
     assert len(unknown) % 2 == 0 and set(pending) <= CONTRACT_FLAGS_PENDING, f"unknown server flags: {unknown}"
-    given = {a: b for a, b in zip(argv, argv[1:]) if a.startswith("--") and not b.startswith("--")}
+    given = {a: b for a, b in itertools.pairwise(argv) if a.startswith("--") and not b.startswith("--")}
     return args, given
 
 
@@ -136,8 +137,11 @@ def check_serving_pod(pod: dict, container: dict, device: str) -> None:
     drain = container["lifecycle"]["preStop"]["sleep"]["seconds"] + args.grace_s
     assert pod["terminationGracePeriodSeconds"] >= drain + 10
 
-    (state,) = [e for e in container["env"] if e["name"] == "FORECAST_STATE_SECRET"]
-    assert set(state["valueFrom"]) == {"secretKeyRef"}
+    # The snapshot secret (CONTRACT §8) from one Secret for every replica, as a file; not also in
+    # FORECAST_STATE_SECRET, which with the flag would stop the server at start.
+    assert mounted_secret_file(pod, container, pending["--state-secret-file"]) == "streamcast-state"
+    assert args.state_secret_file == Path(pending["--state-secret-file"])
+    assert "FORECAST_STATE_SECRET" not in {e["name"] for e in container.get("env", [])}
     assert mounted_secret_file(pod, container, pending["--auth-token-file"]) == "streamcast-auth"
 
     user = int(SERVING.last("USER").args)

@@ -2,11 +2,14 @@
 refused when useless, a token is accepted only as `Bearer TOKEN` with a configured token, and
 TLS files that cannot work stop the start with a message naming the flag and the file."""
 
+import re
+
 import pytest
 
+from serving.cli import config_from, parser
 from serving.config import SecurityConfig
 from serving.errors import CredentialsError
-from serving.security import TokenChecker, read_tokens, server_credentials
+from serving.security import TokenChecker, read_tokens, server_credentials, state_secret
 from tests.tls_support import make_pki
 
 
@@ -98,3 +101,29 @@ def test_unusable_tls_files_are_refused_naming_flag_and_file(pki, files, message
     cert, key, ca = (path(f) for f in files)
     with pytest.raises(CredentialsError, match=message):
         server_credentials(SecurityConfig(tls_cert=cert, tls_key=key, tls_client_ca=ca))
+
+
+def test_the_state_secret_comes_from_its_file_or_the_environment_and_is_not_logged(tmp_path):
+    path = tmp_path / "state"
+    path.write_text("  file-secret-0123456789\n")
+    args = parser().parse_args(["--state-secret-file", str(path)])
+    assert state_secret(config_from(args, {}).security) == b"file-secret-0123456789"
+    env = config_from(parser().parse_args([]), {"FORECAST_STATE_SECRET": "env-secret-0123456789"})
+    assert state_secret(env.security) == b"env-secret-0123456789"
+    assert "env-secret" not in repr(env)  # the resolved config is logged at start
+    assert state_secret(config_from(parser().parse_args([]), {}).security) is None  # off
+    with pytest.raises(ValueError, match="not both"):
+        config_from(args, {"FORECAST_STATE_SECRET": "env-secret-0123456789"})
+
+
+@pytest.mark.parametrize(
+    ("content", "message"), [(None, "cannot read"), ("\n", "empty"), ("short\n", "5 bytes, at least 16")]
+)
+def test_an_unusable_state_secret_stops_the_start(tmp_path, content, message):
+    path = tmp_path / "state"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(CredentialsError, match=rf"--state-secret-file {re.escape(str(path))}.*{message}"):
+        state_secret(SecurityConfig(state_secret_file=path))
+    with pytest.raises(CredentialsError, match=r"FORECAST_STATE_SECRET.*at least 16"):
+        state_secret(SecurityConfig(state_secret=b""))

@@ -83,3 +83,23 @@ def test_idle_rows_and_bookkeeping():
     assert a.last_ts[rows[1]] == 5_000
     assert a.owners[rows[0]] == "a"
     assert a.nbytes >= 2 * 2 * 3 * 4  # at least the [L, capacity, H] float32 state
+
+
+def test_a_restored_row_holds_the_snapshot_and_a_read_says_which_rows_changed_hands():
+    a = arena()
+    rows = a.alloc(["a", "b"], now=0.0)
+    h, c, lags = (np.full(t.shape_for(1), k + 1.0, np.float32) for k, t in enumerate((H, C, LAGS)))
+    a.restore(int(rows[1]), [h, c, lags], steps_seen=41, last_ts=1_000)
+    assert a.steps_seen[rows[1]] == 41 and a.last_ts[rows[1]] == 1_000
+    states, epochs = a.gather(rows)
+    np.testing.assert_array_equal(states[0][:, 1:2], h)
+    np.testing.assert_array_equal(states[2][1:2], lags)
+    assert (states[0][:, 0] == 0).all()  # the other row untouched
+
+    read, keep = a.read(rows, epochs)
+    assert keep.tolist() == [True, True]
+    np.testing.assert_array_equal(read[1][:, 1:2], c)
+    a.free(rows[1:])
+    a.alloc(["c"], now=0.0)  # the row goes to another series while a step was in flight
+    _, keep = a.read(rows, epochs)
+    assert keep.tolist() == [True, False]  # no snapshot of someone else's state
