@@ -143,9 +143,10 @@ def raw_ort(model_dir: Path, batch: int, seconds: float) -> tuple[float, float]:
         session_options(RuntimeConfig(device="cpu")),
         providers=["CPUExecutionProvider"],
     )
-    meta = session.get_modelmeta().custom_metadata_map
-    shape = (int(meta["num_layers"]), batch, int(meta["hidden_size"]))
-    states = {name: np.zeros(shape, np.float32) for name in (["h", "c"] if meta["cell"] == "lstm" else ["h"])}
+    # Every state tensor the metadata lists (h, c, the lag buffer...), its one dynamic axis the batch.
+    names = session.get_modelmeta().custom_metadata_map["state"].split(",")
+    inputs = {i.name: i for i in session.get_inputs()}
+    states = {n: np.zeros([d if isinstance(d, int) else batch for d in inputs[n].shape], np.float32) for n in names}
     rng = np.random.default_rng(0)
     steps, started, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds or steps < 20:
