@@ -46,7 +46,7 @@ RUN pip install --no-cache-dir -r /tmp/requirements/serving.txt -c /tmp/requirem
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin streamcast
 WORKDIR /app
 COPY serving/ serving/
-# Prebuilt stubs and no protos/ directory: serving/proto.py then never tries to regenerate them.
+# Prebuilt stubs and no protos/ directory: serving/proto.py has nothing to check them against.
 COPY --from=protos /src/serving/_proto/ serving/_proto/
 USER 10001
 EXPOSE 50051 9100

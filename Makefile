@@ -16,7 +16,7 @@ IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help install protos run train serve client test test-packaging lint bench docker clean
+.PHONY: help install protos run train serve client test test-packaging lint bench soak docker clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ lint: $(STAMP) ## ruff, and hadolint on the Dockerfile
 
 bench: install ## run the benchmarks in bench/ and print their tables (JSON in bench/results/)
 	$(PY) -m bench
+
+soak: install ## 200 streams for 5 minutes against the server on loopback: errors, RSS growth, latency (fails on either)
+	$(PY) -m bench.soak
 
 docker: ## build the serving (ONNX Runtime + CUDA, no torch) and training images
 	docker build --target serving -t $(IMAGE_PREFIX)streamcast-serving:$(IMAGE_TAG) .

@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark in turn (each prints a table and writes bench/results/*.json).
 
-python -m bench [NAME ...]   NAME in: export_speed, stream, accuracy (default: all, accuracy last:
+python -m bench [NAME ...]   NAME in: export_speed, stream, oip, accuracy (default: all, accuracy last:
 it trains 6 models and takes the longest).
 """
 
@@ -10,7 +10,7 @@ import importlib.util
 import subprocess
 import sys
 
-ORDER = ["export_speed", "stream", "accuracy"]
+ORDER = ["export_speed", "stream", "oip", "accuracy"]
 
 
 def main() -> int:

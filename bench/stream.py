@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -67,21 +71,29 @@ def default_model_dir() -> Path:
 
 
 class Process:
+    """A Python subprocess, ready once a line of its output matches `ready`; its output keeps being
+    read after that (the last 200 lines kept), so a chatty process never blocks on a full pipe."""
+
     def __init__(self, args: list[str], ready: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        self.output: list[str] = []
+        self.output: collections.deque[str] = collections.deque(maxlen=200)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"{args} exited: " + "".join(self.output[-20:]))
+                raise RuntimeError(f"{args} exited: " + "".join(list(self.output)[-20:]))
             self.output.append(line)
             if m := re.search(ready, line):
                 self.match = m
+                threading.Thread(target=self._drain, daemon=True).start()
                 return
         raise RuntimeError(f"{args} not ready in time")
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
 
     def rss_mib(self) -> tuple[float, float]:
         """(current, peak) resident set size in MiB, from /proc."""
@@ -143,7 +155,7 @@ def raw_ort(model_dir: Path, batch: int, seconds: float) -> tuple[float, float]:
         session_options(RuntimeConfig(device="cpu")),
         providers=["CPUExecutionProvider"],
     )
-    # Every state tensor the metadata lists (h, c, the lag buffer...), its one dynamic axis the batch.
+    # Every state tensor the metadata lists (h, c, the lag buffer...), zero, its dynamic axis = batch.
     names = session.get_modelmeta().custom_metadata_map["state"].split(",")
     inputs = {i.name: i for i in session.get_inputs()}
     states = {n: np.zeros([d if isinstance(d, int) else batch for d in inputs[n].shape], np.float32) for n in names}
@@ -186,15 +198,21 @@ async def one_stream(target: str, messages: list[bytes], warmup: int, window: in
 # -- (b) many streams, one observation per message -----------------------------------------------
 
 
-async def many_streams(target: str, streams: int, per_stream: int) -> dict:
-    """Ping-pong on `streams` concurrent streams; messages/s and per-message latency."""
+def one_observation(stream: int, step: int, rng: np.random.Generator) -> bytes:
+    """A StreamRequest of one observation: step `step` of series st{stream}."""
+    return request([f"st{stream}"], step, level(step, 1, rng))
+
+
+async def many_streams(
+    target: str, streams: int, per_stream: int, method_path: str = METHOD, make: Callable = one_observation
+) -> dict:
+    """Ping-pong on `streams` concurrent streams of `method_path`, the messages made by
+    make(stream, step, rng); messages/s and per-message latency."""
     rng = np.random.default_rng(streams)
-    plans = [
-        [request([f"st{k}"], i, level(i, 1, rng)) for i in range(per_stream)] for k in range(streams)
-    ]  # fmt: skip
+    plans = [[make(k, i, rng) for i in range(per_stream)] for k in range(streams)]
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
-        method = channel.stream_stream(METHOD, request_serializer=_identity, response_deserializer=_identity)
+        method = channel.stream_stream(method_path, request_serializer=_identity, response_deserializer=_identity)
         calls = [method() for _ in plans]  # the same calls from warm-up to the end: no set-up cost timed
 
         async def run(call, plan: list[bytes]) -> None:
@@ -220,11 +238,12 @@ async def many_streams(target: str, streams: int, per_stream: int) -> dict:
 STREAMS = (1, 16, 64, 256)
 
 
-def measured(process: Process, target: str, streams: int, total_messages: int) -> dict:
-    """many_streams, plus the server process' CPU time per message (all its threads)."""
+def measured(process: Process, target: str, streams: int, total_messages: int, **how: Any) -> dict:
+    """many_streams (`how`: its method_path and make), plus the server process' CPU time per
+    message (all its threads)."""
     per_stream = max(20, total_messages // streams)
     cpu = process.cpu_seconds()
-    result = asyncio.run(many_streams(target, streams, per_stream))
+    result = asyncio.run(many_streams(target, streams, per_stream, **how))
     result["server_cpu_us_per_msg"] = (process.cpu_seconds() - cpu) / (streams * per_stream) * 1e6
     return result
 

@@ -27,7 +27,10 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 def parser() -> argparse.ArgumentParser:
     d_server, d_batch, d_state, d_rt = ServerConfig(), BatchConfig(), StateConfig(), RuntimeConfig()
     d_limits = LimitsConfig()
-    p = argparse.ArgumentParser(prog="python -m serving", description="Streaming forecast gRPC server.")
+    p = argparse.ArgumentParser(
+        prog="python -m serving",
+        description="Streaming forecast server: forecast.v1 and the Open Inference Protocol over gRPC (and HTTP).",
+    )
     a = p.add_argument
     a(
         "--model-uri",
@@ -55,6 +58,12 @@ def parser() -> argparse.ArgumentParser:
         help="Prometheus port; 0 picks a free one, -1 disables",
     )
     a("--metrics-host", default=None, help="address the metrics endpoint binds (default: the same as --host)")
+    a(
+        "--http-port",
+        type=int,
+        default=-1,
+        help="the Open Inference Protocol's HTTP/REST binding on --host; 0 picks a free port, -1 (default) is off",
+    )
     a("--tls-cert", type=Path, default=None, help="server certificate chain (PEM); with --tls-key: serve TLS")
     a("--tls-key", type=Path, default=None, help="the server certificate's private key (PEM, unencrypted)")
     a(
@@ -143,6 +152,7 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> ServerConf
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=None if args.http_port < 0 else args.http_port,
         max_receive_message_bytes=args.max_message_bytes,
         grace_s=args.grace_s,
         source=ModelSourceConfig(
@@ -181,8 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser().error(str(exc))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per event in logs
+    # The alias watch backs off by itself (serving.model_store.retry_delay). mlflow's default of 7
+    # retries with exponential backoff would hold one check ~4 minutes against a registry that is
+    # down; two quick retries (~3 s) still ride out a dropped connection.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     logging.getLogger("serving").info("event=config %s", config)
-    from serving.server import serve  # after logging is set up: importing stubs may regenerate them
+    from serving.server import serve  # here: --help and flag errors need neither gRPC nor the stubs
 
     return asyncio.run(serve(config))
 

@@ -144,6 +144,8 @@ class ServerConfig:
     # The metrics endpoint is plain HTTP without tokens (Prometheus scrapes it), so it may need
     # another interface than gRPC: e.g. gRPC on 0.0.0.0 behind TLS, metrics on an internal address.
     metrics_host: str | None = None  # None: the same as host
+    # The Open Inference Protocol's HTTP/REST binding, on host: 0 picks a free port, None: off.
+    http_port: int | None = None
     max_receive_message_bytes: int = 4 * 1024 * 1024  # larger messages get RESOURCE_EXHAUSTED
     grace_s: float = 10.0  # how long in-flight RPCs may finish after SIGTERM
     source: ModelSourceConfig = field(default_factory=ModelSourceConfig)
@@ -158,6 +160,10 @@ class ServerConfig:
         _require(
             self.metrics_port is None or 0 <= self.metrics_port <= 65535,
             f"metrics_port must be in 0..65535, got {self.metrics_port}",
+        )
+        _require(
+            self.http_port is None or 0 <= self.http_port <= 65535,
+            f"http_port must be in 0..65535, got {self.http_port}",
         )
         _require(self.max_receive_message_bytes >= 1024, "max_receive_message_bytes must be >= 1024")
         _require(self.grace_s >= 0, "grace_s must be >= 0 seconds")

@@ -1,37 +1,36 @@
-"""The protocol-free data plane: streams, stateless forecasts, model info, series limits.
+"""The protocol-free data plane: streams, sequences, stateless forecasts, model info, limits.
 
-Transports (the forecast.v1 servicer today, the Open Inference Protocol later) call only this.
+Transports (the forecast.v1 servicer, the Open Inference Protocol's gRPC servicer and HTTP
+routes) call only this, and only convert their messages to and from the domain types
+(serving.domain). What the plane is made of, each with only the collaborators it needs:
+
+- `models` (serving.model_store): the served version, retired versions, their batchers and arenas;
+- `admission` (serving.admission): request and stream limits, the live-series cap, idle expiry;
+- `streams` (serving.streams): open streams, their flow control, ordering and draining;
+- `sequences` (serving.sequences): the server-wide sequences, kept across requests and streams;
+- a stream's own series (serving.sessions), made per stream.
+
 Everything here runs on the event loop; ORT calls run on each model version's executor thread.
-
-Live-series cap (`StateConfig.max_series`), the policy: when a request would start new series
-past the cap, series idle longer than the idle timeout are reclaimed first; if that is not
-enough the request is refused with RESOURCE_EXHAUSTED. Running series are never evicted to
-make room: a series silently restarted from zero state would give wrong forecasts, and the
-client could not tell.
-
-Per-client limits (`LimitsConfig`): concurrent streams, live series per stream, observations
-per request, series id length. Each is checked before anything of the request is queued, and
-refused with a message naming the limit, its flag and where in the request it was hit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from serving import validation
+from serving.admission import Admission
 from serving.config import LimitsConfig, StateConfig
-from serving.domain import ForecastGroup, History, ModelDescription, Observations, StepBatch
-from serving.errors import LimitExceeded
+from serving.contract import ModelSpec
+from serving.domain import ForecastGroup, History, ModelDescription, SequenceSteps, StepBatch
+from serving.errors import ModelNotReady, UnknownModel
 from serving.metrics import Metrics
 from serving.model_store import ModelStore
+from serving.sequences import SequenceTable
 from serving.sessions import StreamSession
-
-log = logging.getLogger(__name__)
+from serving.streams import Stream, StreamRegistry
 
 
 class DataPlane:
@@ -39,131 +38,70 @@ class DataPlane:
         self, models: ModelStore, state: StateConfig, metrics: Metrics | None = None, limits: LimitsConfig | None = None
     ) -> None:
         self.models = models
-        self._state = state
         self.limits = limits or LimitsConfig()
-        self._metrics = metrics
-        self._sessions: set[StreamSession] = set()
+        self.admission = Admission(models, self.limits, state, on_expired=metrics.expired.inc if metrics else None)
+        self.streams = StreamRegistry(self.admission)
+        self.sequences = SequenceTable(models, self.admission)
         if metrics is not None:
             metrics.track(
-                lambda: self.live_series,
-                lambda: self.state_bytes,
-                lambda: len(self._sessions),
+                lambda: self.admission.live_series,
+                lambda: self.admission.state_bytes,
+                lambda: self.streams.open,
                 lambda: len(self.models.loaded()),
+                lambda: self.sequences.live,
             )
 
     @property
     def live_series(self) -> int:
-        return sum(m.arena.live_count for m in self.models.loaded())
+        return self.admission.live_series
 
     @property
-    def state_bytes(self) -> int:
-        return sum(m.arena.nbytes for m in self.models.loaded())
+    def draining(self) -> bool:
+        return self.streams.draining
 
-    # -- streams --------------------------------------------------------------------------------
+    @property
+    def spec(self) -> ModelSpec | None:
+        """The served version's spec (None before a model is loaded), for transports' messages."""
+        current = self.models.current
+        return current.spec if current is not None else None
 
-    def open_stream(self) -> StreamSession:
-        """A new stream's session, or LimitExceeded past --max-streams."""
-        cap = self.limits.max_streams
-        if len(self._sessions) >= cap:
-            raise LimitExceeded(
-                "max_streams",
-                f"cannot open another stream: {len(self._sessions)} streams are open and the limit is {cap} "
-                "(--max-streams); send many series over one stream instead of a stream per series",
-            )
-        session = StreamSession(self)
-        self._sessions.add(session)
-        return session
+    # -- streams and sequences ------------------------------------------------------------------
 
-    def close_stream(self, session: StreamSession) -> None:
-        self._sessions.discard(session)
-        session.close()
+    def open_stream(self) -> Stream:
+        """A new stream (close it when done), or LimitExceeded past --max-streams."""
+        self.streams.opened()
+        return Stream(self.streams, StreamSession(self.models, self.admission), self.sequences, self.forecast)
 
-    def admit(self, obs: Observations) -> None:
-        """Per-request checks of a stream request, before any of it is queued."""
-        cap = self.limits.max_observations_per_request
-        if len(obs) > cap:
-            raise LimitExceeded(
-                "max_observations_per_request",
-                f"the request has {len(obs)} observations and the limit is {cap} "
-                "(--max-observations-per-request); split it into several requests",
-            )
-        validation.check_series_ids(obs.series_ids)
+    def step_sequence(self, steps: SequenceSteps, model_name: str = "", version: str = "") -> asyncio.Future:
+        """Queue a sequence's steps outside any stream; the future gets [the last step's group]."""
+        return self.sequences.submit(steps, model_name, version)
 
-    def admit_series(self, session: StreamSession, series_ids: Sequence[str], positions: Sequence[int]) -> None:
-        """Before a stream starts new series (distinct ids at these request positions): ids within
-        --max-series-id-bytes, and room for them. Only new series are checked: every other id of
-        a request is one of the stream's live series, checked when it started."""
-        validation.check_series_id_lengths(series_ids, self.limits.max_series_id_bytes, positions)
-        self.reserve(len(series_ids), validation.where(int(positions[0]), series_ids[0]), session)
-
-    def reserve(self, n: int, where: str, session: StreamSession | None = None) -> None:
-        """Room for n new series (in session, if given), or LimitExceeded: past the stream's
-        --max-series-per-stream, or past --max-series after reclaiming idle series."""
-        if session is not None and session.live + n > self.limits.max_series_per_stream:
-            raise LimitExceeded(
-                "max_series_per_stream",
-                f"{where}: cannot start {n} new series in this stream: it has {session.live} live series and "
-                f"the limit is {self.limits.max_series_per_stream} (--max-series-per-stream); end finished "
-                "series with end=true or spread them over more streams",
-            )
-        cap = self._state.max_series
-        if self.live_series + n <= cap:
-            return
-        self.sweep_idle(time.monotonic())
-        live = self.live_series
-        if live + n > cap:
-            raise LimitExceeded(
-                "max_series",
-                f"{where}: cannot start {n} new series: {live} series are live and the cap is {cap} "
-                "(--max-series); end finished series with end=true or close idle streams",
-            )
-
-    def sweep_idle(self, now: float) -> int:
-        """Free every series not stepped for idle_timeout_s; returns how many."""
-        freed = 0
-        for model in self.models.loaded():
-            rows = model.arena.idle_rows(now, self._state.idle_timeout_s)
-            if not len(rows):
-                continue
-            for row in rows.tolist():
-                session, series_id = model.arena.owners[row]
-                session.forget(series_id, model, row)
-            model.arena.free(rows)
-            freed += len(rows)
-            self.models.release(model)
-        if freed:
-            log.info("event=series_expired count=%d idle_timeout_s=%s", freed, self._state.idle_timeout_s)
-            if self._metrics is not None:
-                self._metrics.expired.inc(freed)
-        return freed
+    def drain(self) -> None:
+        """Server shutdown: streams end after the request they are answering, idle ones at once."""
+        self.streams.drain()
 
     async def run_sweeper(self) -> None:
-        """Expire idle series forever (cancel the task to stop)."""
-        while True:
-            await asyncio.sleep(self._state.sweep_interval_s)
-            self.sweep_idle(time.monotonic())
+        """Expire idle series and sequences forever (cancel the task to stop)."""
+        await self.admission.run_sweeper()
 
     # -- stateless forecasts ----------------------------------------------------------------------
 
-    async def forecast(self, histories: Sequence[History], model_name: str = "") -> list[ForecastGroup]:
+    async def forecast(
+        self, histories: Sequence[History], model_name: str = "", version: str = ""
+    ) -> list[ForecastGroup]:
         """Run each whole history from zero state through the sequence graph.
 
         Histories of equal length are stacked and run together ([B, T] per ORT call, B up to the
         batch size); the groups returned cover every request position once.
         """
-        model = self.models.get(model_name)
+        model = self.models.get(model_name, version)
         spec = model.spec
         c = spec.num_covariates
-        observations, cap = sum(len(h.values) for h in histories), self.limits.max_observations_per_request
-        if observations > cap:
-            raise LimitExceeded(
-                "max_observations_per_request",
-                f"the request has {observations} observations in {len(histories)} histories and the limit is "
-                f"{cap} (--max-observations-per-request); split it into several requests",
-            )
+        self.admission.check_histories(sum(len(h.values) for h in histories), len(histories))
         by_length: dict[int, list[int]] = {}
+        max_ts = validation.max_timestamp_ms(spec.horizon, spec.freq_ms)
         for i, h in enumerate(histories):
-            validation.check_history(h, i, c, self.limits.max_series_id_bytes)
+            validation.check_history(h, i, c, self.limits.max_series_id_bytes, max_ts)
             by_length.setdefault(len(h.values), []).append(i)
 
         groups = []
@@ -177,6 +115,7 @@ class DataPlane:
                     ts = np.stack([h.timestamps_ms for h in hs]).astype(np.int64, copy=False)  # [B, T]
                     cov = np.stack([h.covariates.reshape(t, c) for h in hs]).astype(np.float32, copy=False)
                     forecast = await model.sequence(values, ts, cov)
+                    validation.check_sequence_forecasts(forecast, part, histories)
                     batch = StepBatch(
                         series_ids=[h.series_id for h in hs],
                         timestamps_ms=ts[:, -1],
@@ -193,5 +132,13 @@ class DataPlane:
             self.models.release(model)
         return groups
 
-    def describe(self, model_name: str = "") -> ModelDescription:
-        return self.models.get(model_name).describe()
+    def describe(self, model_name: str = "", version: str = "") -> ModelDescription:
+        return self.models.get(model_name, version).describe()
+
+    def ready(self, model_name: str = "", version: str = "") -> bool:
+        """True when that model (and version) is loaded and the server is not draining."""
+        try:
+            self.models.get(model_name, version)
+        except (ModelNotReady, UnknownModel):
+            return False
+        return not self.draining

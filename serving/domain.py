@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from serving.contract import ModelSpec
+from serving.contract import ModelSpec, StateTensor
 
 
 @dataclass
@@ -30,6 +30,23 @@ class Observations:
 
 
 @dataclass
+class SequenceSteps:
+    """T steps of one sequence: a series kept server-wide, across requests and streams, under
+    the id its client chose (an int or a str: 7 and "7" are different sequences). The steps are
+    applied in order; the answer is the forecast after the last."""
+
+    sequence_id: int | str
+    timestamps_ms: Sequence[int]  # [T], Unix epoch ms
+    values: Sequence[float]  # [T]
+    covariates: Sequence[Sequence[float]]  # [T] rows of the model's C
+    start: bool = False  # start afresh; a live sequence of this id is dropped first
+    end: bool = False  # free the sequence once this request is answered
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+@dataclass
 class History:
     """One series' whole history for a stateless forecast."""
 
@@ -39,11 +56,11 @@ class History:
     covariates: np.ndarray  # float32 [T * C], row-major [T, C]
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: transports may cache their encoding of a batch
 class StepBatch:
     """The forecasts of one ORT call (B rows), shared by every request that had rows in it."""
 
-    series_ids: list[str]  # [B]
+    series_ids: list[Any]  # [B]: stream series ids (str), sequence ids (int or str), history ids
     timestamps_ms: np.ndarray  # int64 [B], the observation each forecast follows
     forecast: np.ndarray  # float32 [B, horizon, Q], raw units
     steps_seen: np.ndarray  # int64 [B]
@@ -51,9 +68,6 @@ class StepBatch:
     freq_ms: int
     quantiles: tuple[float, ...]
     point_index: int  # which quantile is the point forecast
-    # A transport may keep its encoding of the whole batch here, so a batch shared by 64 streams
-    # is encoded once, not 64 times (see serving.wire).
-    encoded: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.series_ids)
@@ -73,10 +87,40 @@ class ForecastGroup:
 
 @dataclass(frozen=True)
 class ModelDescription:
-    """What GetModelInfo reports: the served version and its graphs' spec."""
+    """What model-info calls report: the served version, its graphs' spec and state tensors."""
 
     name: str
     version: str
     execution_provider: str
     spec: ModelSpec
     state_bytes_per_series: int  # the state tensors' bytes for one series
+    state: tuple[StateTensor, ...] = ()  # the recurrent state the server keeps per series
+    max_batch_size: int = 0  # rows per ORT call
+
+
+# What a stream request asks for: steps of the stream's own series, steps of one server-wide
+# sequence, whole histories from zero state, or the error that refused it while the transport
+# converted it (answered in its place, in order).
+Work = Observations | SequenceSteps | Sequence[History] | Exception
+
+
+class Request(NamedTuple):
+    """One request of a stream, as a transport hands it to the data plane."""
+
+    work: Work
+    model: str = ""  # "" or the served model's name
+    version: str = ""  # "" or the served version
+    tag: Any = None  # the transport's own (e.g. the request id), handed back with the answer
+
+
+class Answer:
+    """The answer to one stream request: its forecast groups, or the error that refused it."""
+
+    __slots__ = ("error", "groups", "size", "started", "tag")
+
+    def __init__(self, groups: list[ForecastGroup], error: Exception | None, size: int, started: float, tag: Any):
+        self.groups = groups  # cover every position of the request once ([] when refused)
+        self.error = error
+        self.size = size  # observations in the request
+        self.started = started  # time.perf_counter() when the request was read
+        self.tag = tag

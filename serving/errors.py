@@ -1,8 +1,9 @@
-"""Domain errors of the serving data plane, and the one place they become gRPC status codes.
+"""Domain errors of the serving data plane, and the one place they become status codes.
 
 The data plane raises these with a message for the client that says what was wrong and where
-(series id, index in the request). Transports map them with `grpc_status`; anything else is a
-bug: the client gets a fixed message with a reference id and the operator's log gets the traceback.
+(series id, index in the request). Transports map them here -- gRPC with `grpc_status`, HTTP with
+`http_status`, both from the one table below; anything else is a bug: the client gets a fixed
+message with a reference id and the operator's log gets the traceback.
 """
 
 from __future__ import annotations
@@ -44,12 +45,27 @@ class Unauthenticated(ServingError):
     """No valid bearer token. One fixed message: it never says which part was missing or wrong."""
 
 
+class UnknownSequence(InvalidInput):
+    """A sequence request that does not start its sequence, for a sequence that is not live."""
+
+
 class UnknownModel(ServingError):
     """The request names a model this server does not serve."""
 
 
 class ModelNotReady(ServingError):
     """No model is loaded and warmed up yet."""
+
+
+class Draining(ServingError):
+    """The server is shutting down: a stream ends after the request it was answering."""
+
+    def __init__(self, message: str = "server is shutting down; reconnect (series state on this server is gone)"):
+        super().__init__(message)
+
+
+class Unsupported(ServingError):
+    """A method or feature of a protocol that this server does not implement."""
 
 
 class StatePreconditionFailed(ServingError):
@@ -61,7 +77,12 @@ class ModelContractError(ServingError):
 
 
 class ModelLoadError(ServingError):
-    """A model could not be fetched, opened or warmed up."""
+    """A model version could not be opened or warmed up."""
+
+
+class RegistryUnavailable(ServingError):
+    """The registry or its artifact store could not be reached, or answered with an error, while
+    resolving an alias or downloading a version: worth retrying (the alias watch backs off)."""
 
 
 class DeviceUnavailable(ServingError):
@@ -72,16 +93,29 @@ class CredentialsError(ServingError):
     """TLS or token files that cannot be used (unreadable, empty, not PEM, key not the cert's)."""
 
 
-_GRPC_CODES: dict[type[ServingError], grpc.StatusCode] = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    UnknownModel: grpc.StatusCode.NOT_FOUND,
-    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
-    StatePreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+# The one map: each domain error's gRPC status code and HTTP status (the HTTP statuses follow
+# google.rpc's mapping of the gRPC codes, but for 429 on a configured limit).
+_STATUS: dict[type[ServingError], tuple[grpc.StatusCode, int]] = {
+    InvalidInput: (grpc.StatusCode.INVALID_ARGUMENT, 400),
+    CapacityExceeded: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    UnknownModel: (grpc.StatusCode.NOT_FOUND, 404),
+    ModelNotReady: (grpc.StatusCode.UNAVAILABLE, 503),
+    Draining: (grpc.StatusCode.UNAVAILABLE, 503),
+    StatePreconditionFailed: (grpc.StatusCode.FAILED_PRECONDITION, 400),
+    Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
+    Unsupported: (grpc.StatusCode.UNIMPLEMENTED, 501),
 }
+_INTERNAL = (grpc.StatusCode.INTERNAL, 500)
 
 INTERNAL_MESSAGE = "internal server error (ref {ref}); the server log has the details"
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, int] | None:
+    for cls in type(exc).__mro__:
+        status = _STATUS.get(cls)  # type: ignore[arg-type]
+        if status is not None:
+            return status
+    return None
 
 
 def grpc_status(exc: BaseException, ref: str) -> tuple[grpc.StatusCode, str]:
@@ -89,13 +123,15 @@ def grpc_status(exc: BaseException, ref: str) -> tuple[grpc.StatusCode, str]:
 
     `ref` ties the client's message to the operator's log line for errors that are bugs.
     """
-    for cls in type(exc).__mro__:
-        code = _GRPC_CODES.get(cls)  # type: ignore[arg-type]
-        if code is not None:
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(ref=ref)
+    status = _status(exc)
+    if status is None:
+        return _INTERNAL[0], INTERNAL_MESSAGE.format(ref=ref)
+    return status[0], str(exc)
 
 
-def is_client_error(exc: BaseException) -> bool:
-    """True when the exception maps to a status the client caused or can act on (not a bug)."""
-    return any(cls in _GRPC_CODES for cls in type(exc).__mro__)
+def http_status(exc: BaseException, ref: str) -> tuple[int, grpc.StatusCode, str]:
+    """(HTTP status, the gRPC code it stands for, client message), as `grpc_status`."""
+    status = _status(exc)
+    if status is None:
+        return _INTERNAL[1], _INTERNAL[0], INTERNAL_MESSAGE.format(ref=ref)
+    return status[1], status[0], str(exc)

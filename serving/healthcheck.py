@@ -2,8 +2,7 @@
 
 Asks a server's standard grpc.health.v1 service whether NAME is SERVING, for the container
 HEALTHCHECK and for exec probes: exit 0 when it is, else 1 with one line on stderr saying why.
-It imports neither the server nor the generated forecast.v1 stubs, so it starts fast and never
-tries to regenerate anything inside an image.
+It imports neither the server nor the generated forecast.v1 stubs, so it starts fast.
 """
 
 from __future__ import annotations

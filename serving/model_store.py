@@ -7,8 +7,14 @@ executor thread that runs its ORT calls.
 `ModelStore` holds the current version and the retired ones that still have live series. New
 series start on the current version; a running series stays on its version until it ends,
 resets or expires; a retired version is unloaded once its last series is gone and no call is in
-flight. A version that cannot be fetched, breaks the contract or fails warm-up is refused (logged
-once) and the current one keeps serving.
+flight.
+
+The alias watch tells two kinds of failure apart. Anything that goes wrong before a version's
+files are on local disk -- resolving the alias, asking for the version's artifact location,
+downloading (registry down, network errors, timeouts, HTTP 5xx...) -- is the registry's problem,
+not the version's: the check is retried with capped exponential backoff (`retry_delay`), the
+current version keeps serving and health stays SERVING. A version whose files arrived but that
+breaks the contract or fails warm-up is refused for good (logged once, not retried).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from serving.batcher import MicroBatcher
 from serving.config import BatchConfig, ModelSourceConfig, RuntimeConfig, StateConfig
 from serving.contract import ModelSpec
 from serving.domain import ModelDescription
-from serving.errors import ModelContractError, ModelLoadError, ModelNotReady, ServingError, UnknownModel
+from serving.errors import ModelContractError, ModelNotReady, RegistryUnavailable, ServingError, UnknownModel
 from serving.runtime import OrtModel
 from serving.state import StateArena
 from serving.stepper import INLINE_MAX_ROWS, BatchObserver, StepProcessor
@@ -40,6 +46,17 @@ log = logging.getLogger(__name__)
 STEP_GRAPH, SEQUENCE_GRAPH = "model.onnx", "sequence.onnx"
 DEFAULT_LOCAL_NAME = "forecaster"
 WARM_UP_TIMESTAMP_MS = 1_388_534_400_000  # 2014-01-01T00:00Z, inside any plausible training range
+# After a failed alias check the next one comes this soon, then twice as late after each further
+# failure, up to the watch interval: a blip is over within a second or two, and a registry that
+# stays down is polled no more often than a healthy one.
+RETRY_FIRST_S = 1.0
+
+
+def retry_delay(failures: int, interval_s: float) -> float:
+    """Seconds until the next alias check after `failures` consecutive failed ones."""
+    if failures <= 0:
+        return interval_s
+    return min(interval_s, RETRY_FIRST_S * 2.0 ** min(failures - 1, 30))
 
 
 @dataclass(frozen=True)
@@ -128,7 +145,9 @@ class LoadedModel:
 
     def describe(self) -> ModelDescription:
         state_bytes = sum(t.bytes_per_series() for t in self.ort.state)
-        return ModelDescription(self.name, self.version, self.provider, self.spec, state_bytes)
+        return ModelDescription(
+            self.name, self.version, self.provider, self.spec, state_bytes, tuple(self.ort.state), self.max_batch_size
+        )
 
     async def sequence(self, values: np.ndarray, timestamps_ms: np.ndarray, covariates: np.ndarray) -> np.ndarray:
         """Run the sequence graph on [B, T] histories from zero state -> forecast [B, horizon, Q].
@@ -162,25 +181,36 @@ class ModelStore:
         observe_batch: BatchObserver | None = None,
         on_change: Callable[[LoadedModel], None] | None = None,
         on_refused: Callable[[str], None] | None = None,
+        on_watch_failure: Callable[[], None] | None = None,
     ) -> None:
         self.ref = ModelRef.parse(source.model_uri, source.model_name)
         self._source, self._runtime, self._batch, self._state = source, runtime, batch, state
         self._observe_batch = observe_batch
-        self._on_change, self._on_refused = on_change, on_refused
+        self._on_change, self._on_refused, self._on_watch_failure = on_change, on_refused, on_watch_failure
         self.current: LoadedModel | None = None
         self.retired: list[LoadedModel] = []
-        self.refused: set[str] = set()  # versions that failed to load: not retried
+        self.refused: set[str] = set()  # versions that broke the contract or failed warm-up: not retried
+        self._seen: str | None = None  # the last version the alias was seen at (logged once per version)
         self._closing: set[asyncio.Task] = set()
 
     # -- lookups used by the data plane ---------------------------------------------------------
 
-    def get(self, name: str = "") -> LoadedModel:
-        """The current version; `name` (if given) must be the served model's name."""
+    def get(self, name: str = "", version: str = "") -> LoadedModel:
+        """The current version; `name` and `version` (if given) must be the served model's.
+
+        Only the current version is served to new requests: retired versions keep stepping the
+        series that started on them, but cannot be asked for.
+        """
         model = self.current
         if model is None:
             raise ModelNotReady("no model is loaded yet; wait for the health check to report SERVING")
         if name and name != model.name:
             raise UnknownModel(f"unknown model {name!r}: this server serves {model.name!r}")
+        if version and version != model.version:
+            raise UnknownModel(
+                f"model {model.name!r} has no version {version!r} served here: this server serves version "
+                f"{model.version!r} (leave the version empty for it)"
+            )
         return model
 
     def loaded(self) -> list[LoadedModel]:
@@ -199,19 +229,26 @@ class ModelStore:
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def resolve_version(self) -> str:
-        """The version the URI points at now (blocking: asks the registry for an alias)."""
+        """The version the URI points at now (blocking: asks the registry for an alias).
+
+        Raises RegistryUnavailable when the registry cannot say.
+        """
         if self.ref.local_dir is not None:
             return _local_version(find_graphs(self.ref.local_dir)[0])
         if self.ref.version is not None:
             return self.ref.version
         try:
             mv = self._registry_client().get_model_version_by_alias(self.ref.name, self.ref.alias)
-        except Exception as exc:  # MlflowException, connection errors: all mean "cannot resolve"
-            raise ModelLoadError(f"{self.ref.uri}: cannot resolve the alias: {exc}") from exc
+        except Exception as exc:  # MlflowException, connection errors, timeouts: all mean "cannot resolve now"
+            raise RegistryUnavailable(f"{self.ref.uri}: cannot resolve the alias: {exc}") from exc
         return str(mv.version)
 
     def _open(self, version: str) -> OrtModel:
-        """Fetch (if from the registry), open, check and warm up one version (blocking)."""
+        """Fetch (if from the registry), open, check and warm up one version (blocking).
+
+        Raises RegistryUnavailable when the files cannot be fetched; any other error is the
+        version's own (contract, warm-up).
+        """
         if self.ref.local_dir is not None:
             return self._open_dir(self.ref.local_dir)
         import mlflow.artifacts
@@ -220,12 +257,14 @@ class ModelStore:
         try:
             uri = self._source.tracking_uri
             try:
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{self.ref.name}/{version}", dst_path=str(tmp),
-                    tracking_uri=uri, registry_uri=uri,
-                )  # fmt: skip
-            except Exception as exc:
-                raise ModelLoadError(f"models:/{self.ref.name}/{version}: download failed: {exc}") from exc
+                # The version's artifact location from our own client, then a plain download from
+                # it: mlflow's models:/ download resolves the version through the process-wide
+                # registry URI (MLFLOW_TRACKING_URI), not the one passed in, so --tracking-uri
+                # alone fetched from another registry than the one the alias was read from.
+                source = self._registry_client().get_model_version_download_uri(self.ref.name, version)
+                mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri)
+            except Exception as exc:  # the registry's or the network's failure, not the version's
+                raise RegistryUnavailable(f"models:/{self.ref.name}/{version}: download failed: {exc}") from exc
             return self._open_dir(tmp)  # ORT holds the graphs in memory; the files can go
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -249,19 +288,23 @@ class ModelStore:
         return model
 
     async def check_once(self) -> bool:
-        """Swap to the version the alias points at now, if it changed and loads; True on a swap."""
-        try:
-            version = await asyncio.to_thread(self.resolve_version)
-        except ServingError as exc:
-            log.warning("event=model_watch_failed uri=%s error=%r", self.ref.uri, str(exc))
-            return False
+        """Swap to the version the alias points at now, if it changed and loads; True on a swap.
+
+        Raises RegistryUnavailable when the alias or the version's files cannot be fetched (the
+        version is not refused: the caller retries); refuses a version that fails otherwise.
+        """
+        version = await asyncio.to_thread(self.resolve_version)
         current = self.current
         if (current is not None and version == current.version) or version in self.refused:
             return False
-        log.info("event=model_version_seen name=%s version=%s", self.ref.name, version)
+        if version != self._seen:
+            self._seen = version
+            log.info("event=model_version_seen name=%s version=%s", self.ref.name, version)
         try:
             model = await self.load(version)
-        except Exception as exc:  # any failure to load means: refuse it, keep serving the current one
+        except RegistryUnavailable:
+            raise
+        except Exception as exc:  # the files are here and do not serve: refuse it, keep serving the current one
             self.refused.add(version)
             if self._on_refused is not None:
                 self._on_refused(version)
@@ -275,10 +318,30 @@ class ModelStore:
         return True
 
     async def watch(self) -> None:
-        """Poll the alias forever (cancel the task to stop)."""
+        """Poll the alias forever (cancel the task to stop); back off while the registry fails.
+
+        A streak of failures is logged when it starts (warning) and when it ends (info); each
+        failed check is counted (on_watch_failure), the retries in between are debug lines.
+        """
+        interval, failures = self._source.watch_interval_s, 0
         while True:
-            await asyncio.sleep(self._source.watch_interval_s)
-            await self.check_once()
+            await asyncio.sleep(retry_delay(failures, interval))
+            try:
+                await self.check_once()
+            except RegistryUnavailable as exc:
+                failures += 1
+                if self._on_watch_failure is not None:
+                    self._on_watch_failure()
+                delay = retry_delay(failures, interval)
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(
+                    level, "event=model_watch_failing uri=%s failures=%d retry_in_s=%.3g keeps=%s error=%r",
+                    self.ref.uri, failures, delay, self.current.version if self.current else None, str(exc),
+                )  # fmt: skip
+                continue
+            if failures:
+                log.info("event=model_watch_recovered uri=%s failures=%d", self.ref.uri, failures)
+                failures = 0
 
     def _install(self, model: LoadedModel) -> None:
         old, self.current = self.current, model

@@ -78,6 +78,19 @@ def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
     )
 
 
+def server_ssl_context(config: SecurityConfig) -> ssl.SSLContext | None:
+    """The same TLS mode for the HTTP binding, from the same files (checked by
+    `server_credentials` first): the certificate, and client certificates with a client CA."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(config.tls_cert, config.tls_key, password=lambda: b"")
+    if config.tls_client_ca is not None:
+        context.load_verify_locations(cafile=config.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def read_tokens(path: Path, flag: str = "--auth-token-file") -> list[str]:
     """The tokens in a token file: one a line; blank lines and lines starting with # are skipped.
 

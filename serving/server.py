@@ -1,4 +1,5 @@
-"""Assemble and run the gRPC server: forecast.v1, health, reflection, metrics, security, draining.
+"""Assemble and run the server: forecast.v1 and the Open Inference Protocol (gRPC, and HTTP on
+--http-port) over one data plane; health, reflection, metrics, security, draining.
 
 `create_server(config)` returns `(server, port)` with the port bound and RPCs accepted at once
 (health NOT_SERVING); the model loads in the background and `await server.ready()` waits for it.
@@ -15,21 +16,29 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from serving import __version__
 from serving.config import ServerConfig
 from serving.dataplane import DataPlane
 from serving.errors import ServingError
 from serving.metrics import Metrics
 from serving.model_store import LoadedModel, ModelStore
-from serving.proto import SERVICE_NAME
-from serving.security import TokenAuthInterceptor, TokenChecker, read_tokens, server_credentials
+from serving.oip_servicer import InferenceHandler, InferenceServicer
+from serving.proto import OIP_SERVICE_NAME, SERVICE_NAME, oip, pb, reflection_pool
+from serving.security import (
+    TokenAuthInterceptor,
+    TokenChecker,
+    read_tokens,
+    server_credentials,
+    server_ssl_context,
+)
 from serving.servicer import ForecasterServicer, forecaster_handler
 
 log = logging.getLogger(__name__)
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-HEALTH_SERVICES = ("", SERVICE_NAME)
+HEALTH_SERVICES = ("", SERVICE_NAME, OIP_SERVICE_NAME)
 
 
 class ForecastServer:
@@ -41,8 +50,10 @@ class ForecastServer:
         self.metrics = Metrics()
         # Read the security files first: a server asked for TLS or tokens must not start without.
         self.credentials = server_credentials(config.security)
+        self.ssl_context = server_ssl_context(config.security)  # the HTTP binding's, from the same files
         interceptors = []
         self.tokens = 0
+        checker = None
         if config.security.auth_token_file is not None:
             checker = TokenChecker(read_tokens(config.security.auth_token_file))
             self.tokens = len(checker)
@@ -50,10 +61,16 @@ class ForecastServer:
         self.models = ModelStore(
             config.source, config.runtime, config.batch, config.state,
             observe_batch=self.metrics.observe_batch, on_change=self._model_changed,
-            on_refused=lambda version: self.metrics.refused.inc(),
+            on_refused=lambda version: self.metrics.refused.inc(), on_watch_failure=self.metrics.watch_failures.inc,
         )  # fmt: skip
         self.plane = DataPlane(self.models, config.state, self.metrics, config.limits)
         self.servicer = ForecasterServicer(self.plane, self.metrics)
+        self.inference = InferenceServicer(self.plane, self.metrics, __version__)
+        self.http = None
+        if config.http_port is not None:
+            from serving.oip_http import OipHttp  # aiohttp costs ~13 MiB of RSS: only when asked for
+
+            self.http = OipHttp(self.plane, self.metrics, __version__, checker, config.max_receive_message_bytes)
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
             interceptors=interceptors,
@@ -63,11 +80,13 @@ class ForecastServer:
                 ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
             ],
         )
-        self.grpc.add_generic_rpc_handlers((forecaster_handler(self.servicer),))
+        self.grpc.add_generic_rpc_handlers((forecaster_handler(self.servicer), InferenceHandler(self.inference)))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(services, self.grpc)
+        services = (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        files = (pb.DESCRIPTOR, oip.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+        reflection.enable_server_reflection(services, self.grpc, pool=reflection_pool(*files))
         self.port = 0
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_http = None
         self._loading: asyncio.Task | None = None
@@ -106,6 +125,12 @@ class ForecastServer:
         if self.port == 0:
             self._stop_metrics()
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (in use?)") from cause
+        if self.http is not None:
+            try:
+                self.http_port = await self.http.start(cfg.host, cfg.http_port or 0, self.ssl_context, cfg.grace_s)
+            except OSError:
+                self._stop_metrics()
+                raise
         for name in HEALTH_SERVICES:
             await self.health.set(name, NOT_SERVING)
         await self.grpc.start()
@@ -146,8 +171,8 @@ class ForecastServer:
         """Drain: NOT_SERVING, refuse new RPCs, let in-flight ones finish (up to grace), clean up."""
         grace = self.config.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        self.servicer.drain()
-        await self.grpc.stop(grace)
+        self.plane.drain()
+        await asyncio.gather(self.grpc.stop(grace), *([self.http.stop()] if self.http is not None else []))
         for task in [*self._background, self._loading]:
             if task is not None and not task.done():
                 task.cancel()
@@ -205,9 +230,11 @@ async def serve(config: ServerConfig) -> int:
         metrics = (
             "off" if server.metrics_port is None else f"http://{config.metrics_bind_host}:{server.metrics_port}/metrics"
         )
+        scheme = "https" if server.ssl_context is not None else "http"
+        http = "off" if server.http_port is None else f"{scheme}://{config.host}:{server.http_port}/v2"
         log.info(
-            'event=listening msg="listening on %s:%d" %s metrics=%s',
-            config.host, port, server.security_summary, metrics,
+            'event=listening msg="listening on %s:%d" %s metrics=%s oip_http=%s',
+            config.host, port, server.security_summary, metrics, http,
         )  # fmt: skip
         if server.tokens and server.credentials is None and not _is_loopback(config.host):
             log.warning(

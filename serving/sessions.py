@@ -1,4 +1,4 @@
-"""One StreamForecast call's series: stepping them in order, and freeing them.
+"""One stream's series: stepping them in order, and freeing them.
 
 A stream owns its series: `series_id -> (model version, state row)`. A request is applied in
 waves -- a series sent twice in one request steps twice, the second time after the first's state
@@ -14,7 +14,9 @@ that ends (or is reset) leaves the stream's table at once, so a later request st
 gets a fresh row; its old row is freed only when the request that retired it is answered (the
 steps queued before it still use that row).
 
-Errors end the stream (gRPC status), which frees its series; other streams never see them.
+A session knows only what it needs: the model store (the current version, and to hand back a
+version whose series are gone) and admission (request limits, room for new series). It is the
+owner of its rows in the state arena: idle expiry tells it to forget a series (`forget`).
 A chunk whose series were freed while it waited (its stream went away) is dropped unprocessed.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,8 +34,8 @@ from serving.domain import ForecastGroup, Observations
 from serving.stepper import StepChunk
 
 if TYPE_CHECKING:
-    from serving.dataplane import DataPlane
-    from serving.model_store import LoadedModel
+    from serving.admission import Admission
+    from serving.model_store import LoadedModel, ModelStore
 
 SeriesRef = tuple["LoadedModel", int]  # (version the series runs on, its row in that arena)
 # Request positions 0..n-1 for the usual one-wave request: a read-only view instead of an arange.
@@ -41,8 +44,9 @@ _POSITIONS.flags.writeable = False
 
 
 class StreamSession:
-    def __init__(self, plane: DataPlane) -> None:
-        self._plane = plane
+    def __init__(self, models: ModelStore, admission: Admission) -> None:
+        self._models = models
+        self._admission = admission
         self._series: dict[str, SeriesRef] = {}
         self._retiring: dict[int, list[SeriesRef]] = {}  # request number -> rows freed when it is answered
         self._requests = 0
@@ -51,7 +55,7 @@ class StreamSession:
     def live(self) -> int:
         return len(self._series)
 
-    def submit(self, obs: Observations, model_name: str = "") -> asyncio.Future[list[ForecastGroup]]:
+    def submit(self, obs: Observations, model_name: str = "", version: str = "") -> asyncio.Future[list[ForecastGroup]]:
         """Queue one step of each observed series now; the future gets the forecast groups, which
         cover every request position once (or the first error of the request).
 
@@ -59,8 +63,8 @@ class StreamSession:
         Raises right away for problems found before anything is queued (unknown model, bad
         series id, request and series limits).
         """
-        self._plane.models.get(model_name)  # unknown model or none loaded yet: refuse up front
-        self._plane.admit(obs)  # request limits, empty series ids
+        self._models.get(model_name, version)  # unknown model or version, or none loaded yet: refuse up front
+        self._admission.check_request(len(obs), obs.series_ids)  # request limits, empty series ids
         retired: list[SeriesRef] = []  # rows to free once this request is answered
         if len(obs.series_ids) == 1:  # one observation per message: its own, shorter path
             try:
@@ -96,35 +100,7 @@ class StreamSession:
 
     def _gather(self, futures: list[asyncio.Future], key: int) -> asyncio.Future:
         """One future for the request's chunk futures; retired rows are freed once all are done."""
-        result = asyncio.get_running_loop().create_future()
-        remaining = len(futures)
-
-        def chunk_done(_: asyncio.Future) -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining:
-                return
-            self._release(self._retiring.pop(key, []))
-            if result.done():  # cancelled by the stream
-                return
-            for f in futures:
-                if f.cancelled():
-                    result.cancel()
-                    return
-                if f.exception() is not None:
-                    result.set_exception(f.exception())
-                    return
-            result.set_result([group for f in futures for group in f.result()])
-
-        def result_done(r: asyncio.Future) -> None:
-            if r.cancelled():
-                for f in futures:
-                    f.cancel()
-
-        for f in futures:
-            f.add_done_callback(chunk_done)
-        result.add_done_callback(result_done)
-        return result
+        return gather(futures, lambda: self._release(self._retiring.pop(key, [])))
 
     def _submit_wave(
         self, obs: Observations, positions: list[int] | None, retired: list[SeriesRef]
@@ -151,9 +127,9 @@ class StreamSession:
             fresh = []
         now = time.monotonic()
         if fresh:
-            current = self._plane.models.get()
+            current = self._models.get()
             new_ids = [ids[k] for k in fresh]
-            self._plane.admit_series(self, new_ids, index[fresh])
+            self._admission.check_new_series(new_ids, index[fresh], self.live)
             rows = current.arena.alloc([(self, sid) for sid in new_ids], now)
             for k, sid, row in zip(fresh, new_ids, rows.tolist()):
                 refs[k] = self._series[sid] = (current, row)
@@ -201,8 +177,8 @@ class StreamSession:
             ref = None
         now = time.monotonic()
         if ref is None:
-            current = self._plane.models.get()
-            self._plane.admit_series(self, obs.series_ids, _POSITIONS[:1])
+            current = self._models.get()
+            self._admission.check_new_series(obs.series_ids, _POSITIONS[:1], self.live)
             ref = self._series[sid] = (current, int(current.arena.alloc([(self, sid)], now)[0]))
         model, row = ref
         arena = model.arena
@@ -217,7 +193,7 @@ class StreamSession:
         return future
 
     def forget(self, series_id: str, model: LoadedModel, row: int) -> bool:
-        """Drop a series whose row the idle sweeper is freeing; True if it was still ours."""
+        """Drop a series whose row idle expiry is freeing; True if it was still ours."""
         ref = self._series.get(series_id)
         if ref is not None and ref[0] is model and ref[1] == row:
             del self._series[series_id]
@@ -234,9 +210,51 @@ class StreamSession:
         self._release(refs)
 
     def _release(self, refs: list[SeriesRef]) -> None:
-        by_model: dict[LoadedModel, list[int]] = {}
-        for model, row in refs:
-            by_model.setdefault(model, []).append(row)
-        for model, rows in by_model.items():
-            model.arena.free(np.array(rows, np.int64))
-            self._plane.models.release(model)
+        release(self._models, refs)
+
+
+def release(models: ModelStore, refs: list[SeriesRef]) -> None:
+    """Free the rows; a retired version left without series is unloaded."""
+    by_model: dict[LoadedModel, list[int]] = {}
+    for model, row in refs:
+        by_model.setdefault(model, []).append(row)
+    for model, rows in by_model.items():
+        model.arena.free(np.array(rows, np.int64))
+        models.release(model)
+
+
+def gather(
+    futures: list[asyncio.Future], on_done: Callable[[], object], last_only: bool = False
+) -> asyncio.Future[list[ForecastGroup]]:
+    """One future for a request's chunk futures: the groups of all of them in order (only the
+    last one's with last_only), or the first error among them. on_done runs once every chunk is
+    done, cancelled ones included. Cancelling the result cancels the chunks not yet run."""
+    result = asyncio.get_running_loop().create_future()
+    remaining = len(futures)
+
+    def chunk_done(_: asyncio.Future) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining:
+            return
+        on_done()
+        if result.done():  # cancelled by the stream
+            return
+        for f in futures:
+            if f.cancelled():
+                result.cancel()
+                return
+            if f.exception() is not None:
+                result.set_exception(f.exception())
+                return
+        result.set_result(futures[-1].result() if last_only else [g for f in futures for g in f.result()])
+
+    def result_done(r: asyncio.Future) -> None:
+        if r.cancelled():
+            for f in futures:
+                f.cancel()
+
+    for f in futures:
+        f.add_done_callback(chunk_done)
+    result.add_done_callback(result_done)
+    return result

@@ -7,15 +7,19 @@ those epochs); checks the rest all at once -- with numpy over the whole batch, a
 problem to its chunk; runs the step graph once on the rows that passed (gather state rows ->
 run -> scatter `h_out`/`c_out` back, on the event loop for small batches, else on the version's
 executor thread); advances the series' bookkeeping; and gives every chunk its slice of one
-shared StepBatch. A chunk with bad input gets its own exception and is left out; the other
-chunks in the batch are unaffected.
+shared StepBatch. A chunk with bad input gets its own exception and is left out; so does one
+whose forecast came out non-finite; the other chunks in the batch are unaffected.
+
+A chunk may follow another one (`after`: the previous step of the same sequence, queued by the
+same request): it is refused, unprocessed, when that one was refused, so a request's steps are
+applied as a prefix and never with a hole. The batcher never puts the two in one batch (same
+owner), so the earlier one's outcome is known when the later one's batch is taken.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -31,7 +35,8 @@ from serving.state import StateArena
 
 # step(rows [B], epochs [B], values [B], timestamps_ms [B], covariates [B, C]) -> forecast [B, horizon, Q]
 StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-BatchObserver = Callable[[int, float], None]  # (rows in the ORT call, seconds it took)
+# (rows in the ORT call, seconds it took, what the rows were: "stream", "sequence" or "both")
+BatchObserver = Callable[[int, float, str], None]
 
 _chain = itertools.chain.from_iterable
 # Batches up to this many rows run on the event loop thread. Waking the executor thread and
@@ -42,12 +47,6 @@ _chain = itertools.chain.from_iterable
 # here, 86-104 with 32. Larger batches (many series per message) go to the
 # executor, where their ORT call overlaps parsing and encoding on the loop.
 INLINE_MAX_ROWS = 64
-# After handing a batch to the executor thread, the loop blocks (GIL released) until that thread
-# has entered the ORT call, at most this long. Otherwise the thread, which needs the GIL to get
-# from its queue into ORT, waits until the loop's next pure-Python stretch (encoding an answer,
-# parsing a request: 100-300 µs) ends. bench/stream.py (a): ratio 0.55, 0.55, 0.55 with the
-# hand-off wait against 0.54, 0.48, 0.55 without, same hour.
-HANDOFF_WAIT_S = 0.002
 
 
 @dataclass
@@ -62,6 +61,8 @@ class StepChunk:
     timestamps_ms: Sequence[int]
     values: Sequence[float]
     covariates: Sequence[Sequence[float]]  # per observation
+    kind: str = "stream"  # whose rows: a stream's series ("stream") or server-wide sequences ("sequence")
+    after: asyncio.Future | None = None  # the chunk that must have succeeded before this one runs
 
 
 class StepProcessor:
@@ -77,18 +78,32 @@ class StepProcessor:
     ) -> None:
         self._step, self._arena, self._spec, self._version = step, arena, spec, version
         self._executor, self._max, self._observe = executor, max_batch_size, observe
+        self._max_ts = validation.max_timestamp_ms(spec.horizon, spec.freq_ms)
 
     async def __call__(self, chunks: list[StepChunk]) -> list[list[ForecastGroup] | ServingError]:
         arena = self._arena
         total = sum(len(c.rows) for c in chunks)
         rows = np.fromiter(_chain(c.rows for c in chunks), np.int64, total)
         epochs = np.fromiter(_chain(c.epochs for c in chunks), np.int64, total)
-        if (arena.epoch[rows] == epochs).all():  # the usual case: one comparison for the batch
+        fresh = (arena.epoch[rows] == epochs).all()  # the usual case: one comparison for the batch
+        gated = [c.after for c in chunks if c.after is not None]
+        if fresh and not (gated and any(map(_refused, gated))):
             return await self._process(chunks, rows, epochs)
         # Some series were freed while their chunk waited (the stream went away): nobody waits
-        # for those chunks, and their rows may already belong to other series.
-        live = [(arena.epoch[np.asarray(c.rows, np.int64)] == np.asarray(c.epochs, np.int64)).all() for c in chunks]
-        kept = [c for c, ok in zip(chunks, live) if ok]
+        # for those chunks, and their rows may already belong to other series. Or a step of a
+        # sequence follows one that was refused.
+        gone = StatePreconditionFailed("the stream's series were freed before this step ran")
+        behind = StatePreconditionFailed("an earlier step of this request was refused")
+
+        def refusal(c: StepChunk) -> ServingError | None:
+            if c.after is not None and _refused(c.after):
+                return behind
+            if not fresh and not (arena.epoch[np.asarray(c.rows, np.int64)] == np.asarray(c.epochs, np.int64)).all():
+                return gone
+            return None
+
+        refusals = [refusal(c) for c in chunks]
+        kept = [c for c, refusal in zip(chunks, refusals) if refusal is None]
         done = iter(
             await self._process(
                 kept,
@@ -98,8 +113,7 @@ class StepProcessor:
             if kept
             else ()
         )
-        gone = StatePreconditionFailed("the stream's series were freed before this step ran")
-        return [next(done) if ok else gone for ok in live]
+        return [next(done) if refusal is None else refusal for refusal in refusals]
 
     async def _process(
         self, chunks: list[StepChunk], rows: np.ndarray, epochs: np.ndarray
@@ -114,8 +128,9 @@ class StepProcessor:
         flat_cov = np.fromiter(_chain(_chain(c.covariates for c in chunks)), np.float32, int(counts.sum()))
 
         errors = validation.check_batch(
-            chunks, sizes, values, ts, arena.last_ts[rows], counts, flat_cov, spec.num_covariates, spec.covariates
-        )
+            chunks, sizes, values, ts, arena.last_ts[rows], counts, flat_cov,
+            spec.num_covariates, spec.covariates, self._max_ts,
+        )  # fmt: skip
         results: list[list[ForecastGroup] | ServingError] = list(errors)
         if any(e is not None for e in errors):  # leave the refused chunks out of the ORT call
             keep_rows = np.repeat([e is None for e in errors], sizes)
@@ -130,13 +145,13 @@ class StepProcessor:
         if len(rows) <= INLINE_MAX_ROWS:  # a hand-off to the executor thread costs more than this call
             forecast = self._run(rows, epochs, values, ts, cov)
         else:  # ORT releases the GIL: the loop parses and queues the next requests meanwhile
+            # (A wait, GIL released, until the thread had entered ORT was measured and dropped:
+            # bench/stream.py (a) within noise, see docs/benchmarks.md, 2026-12-02.)
             loop = asyncio.get_running_loop()
-            entered = threading.Event()  # see HANDOFF_WAIT_S
-            pending = loop.run_in_executor(self._executor, self._entered_run, entered, rows, epochs, values, ts, cov)
-            entered.wait(HANDOFF_WAIT_S)
-            forecast = await pending
+            forecast = await loop.run_in_executor(self._executor, self._run, rows, epochs, values, ts, cov)
         if self._observe is not None:
-            self._observe(len(rows), time.perf_counter() - started)
+            kinds = {c.kind for c in chunks}
+            self._observe(len(rows), time.perf_counter() - started, kinds.pop() if len(kinds) == 1 else "both")
         steps = arena.record_steps(rows, epochs, ts, time.monotonic())
         batch = StepBatch(
             series_ids=list(_chain(c.series_ids for c in chunks)),
@@ -148,18 +163,16 @@ class StepProcessor:
             quantiles=spec.quantiles,
             point_index=spec.point_index,
         )
-        offset, done = 0, iter(chunks)
+        # A chunk whose step overflowed is refused like bad input; its stream ends on the error and
+        # frees its series, so the state the step wrote is never used.
+        overflowed = validation.check_forecasts(chunks, [len(c.series_ids) for c in chunks], forecast)
+        offset, done = 0, iter(zip(chunks, overflowed))
         for i, error in enumerate(errors):
             if error is None:
-                chunk = next(done)
-                results[i] = [ForecastGroup(chunk.index, batch, offset)]
+                chunk, failed = next(done)
+                results[i] = failed if failed is not None else [ForecastGroup(chunk.index, batch, offset)]
                 offset += len(chunk.series_ids)
         return results
-
-    def _entered_run(self, entered: threading.Event, *args: np.ndarray) -> np.ndarray:
-        """_run on the executor thread, telling the waiting loop it got there."""
-        entered.set()
-        return self._run(*args)
 
     def _run(
         self, rows: np.ndarray, epochs: np.ndarray, values: np.ndarray, ts: np.ndarray, cov: np.ndarray
@@ -173,3 +186,9 @@ class StepProcessor:
             for i in range(0, len(rows), m)
         ]
         return np.concatenate(parts)
+
+
+def _refused(step: asyncio.Future) -> bool:
+    """True unless the step ran and succeeded (a step still pending counts as refused: the batcher
+    keeps one owner's steps in order, so it cannot be, and running after it would break order)."""
+    return not step.done() or step.cancelled() or step.exception() is not None

@@ -17,17 +17,33 @@ from serving.domain import History
 from serving.errors import InvalidInput, SeriesIdTooLong
 
 SHOWN_ID_CHARS = 40  # a series id quoted in a message is cut to this many characters
+# The earliest timestamp_ms accepted: int64 min itself marks "no previous observation" in the state.
+MIN_TIMESTAMP_MS = int(np.iinfo(np.int64).min) + 1
 
 
-def shown(series_id: str) -> str:
-    """A series id for a message: quoted, and cut short (with its size) when it is long."""
-    if len(series_id) <= SHOWN_ID_CHARS:
+def max_timestamp_ms(horizon: int, freq_ms: int) -> int:
+    """The latest timestamp_ms whose forecast times (t + k * freq_ms, k = 1..horizon) fit in int64."""
+    return int(np.iinfo(np.int64).max) - horizon * freq_ms
+
+
+def _timestamp_range(max_ts: int) -> str:
+    return f"timestamps must be in [{MIN_TIMESTAMP_MS}, {max_ts}] ms, so that the forecast times fit in int64"
+
+
+# How a chunk's kind (serving.stepper.StepChunk.kind) names its positions and ids in messages.
+_NAMES = {"stream": ("observation", "series"), "sequence": ("step", "sequence")}
+
+
+def shown(series_id: str | int) -> str:
+    """A series id for a message: quoted (a sequence's int id as is), and cut short (with its
+    size) when it is long."""
+    if not isinstance(series_id, str) or len(series_id) <= SHOWN_ID_CHARS:
         return repr(series_id)
     return f"{series_id[:SHOWN_ID_CHARS]!r}... ({len(series_id.encode('utf-8', 'surrogatepass'))} bytes)"
 
 
-def where(index: int, series_id: str, what: str = "observation") -> str:
-    return f"{what} {index} (series {shown(series_id)})"
+def where(index: int, series_id: str | int, what: str = "observation", noun: str = "series") -> str:
+    return f"{what} {index} ({noun} {shown(series_id)})"
 
 
 def _first(mask: np.ndarray) -> int:
@@ -74,27 +90,17 @@ def check_batch(
     flat_cov: np.ndarray,
     num_covariates: int,
     covariate_names: Sequence[str],
+    max_ts: int,
 ) -> list[InvalidInput | None]:
-    """Check B observations from several requests ("chunks", each with .index and .series_ids).
+    """Check B observations from several requests ("chunks", each with .index, .series_ids, .kind).
 
     values float32 [B], timestamps_ms int64 [B], last_ts int64 [B] (each series' previous
     timestamp, int64 min for new series), counts int64 [B] covariates per observation, flat_cov
-    float32 [sum(counts)]. Returns, per chunk, None or the error for its first problem.
+    float32 [sum(counts)], max_ts the latest timestamp accepted (`max_timestamp_ms`). Returns,
+    per chunk, None or the error for its first problem.
     """
     errors: list[InvalidInput | None] = [None] * len(chunks)
-    ends = np.cumsum(sizes)
-    starts = ends - np.asarray(sizes)
-
-    def blame(bad: np.ndarray, message: Callable[[int, str], str]) -> None:
-        if not bad.any():
-            return
-        for row in np.flatnonzero(bad).tolist():
-            k = int(np.searchsorted(ends, row, side="right"))
-            if errors[k] is None:
-                j = row - int(starts[k])
-                chunk = chunks[k]
-                errors[k] = InvalidInput(f"{where(int(chunk.index[j]), chunk.series_ids[j])}: {message(row, j)}")
-
+    blame = _blamer(chunks, sizes, errors)
     wanted = f"{num_covariates} ({', '.join(covariate_names)})" if num_covariates else "none"
     blame(counts != num_covariates, lambda r, _: f"{counts[r]} covariates given, the model takes {wanted}")
     blame(~np.isfinite(values), lambda r, _: f"value is {values[r]}; values must be finite numbers")
@@ -105,6 +111,10 @@ def check_batch(
         bad_rows[cov_rows[bad_cov]] = True
         blame(bad_rows, lambda r, _: "covariates must be finite numbers")
     blame(
+        (timestamps_ms < MIN_TIMESTAMP_MS) | (timestamps_ms > max_ts),
+        lambda r, _: f"timestamp_ms {timestamps_ms[r]} is out of range; {_timestamp_range(max_ts)}",
+    )
+    blame(
         timestamps_ms <= last_ts,
         lambda r, _: (
             f"timestamp_ms {timestamps_ms[r]} is not after the series' previous observation at "
@@ -114,9 +124,56 @@ def check_batch(
     return errors
 
 
-def check_history(h: History, index: int, num_covariates: int, max_id_bytes: int) -> None:
+def _blamer(chunks: Sequence[Any], sizes: Sequence[int], errors: list[InvalidInput | None]) -> Callable:
+    """blame(bad [B] bool, message(row, j)): each chunk's first bad observation becomes its error."""
+    ends = np.cumsum(sizes)
+    starts = ends - np.asarray(sizes)
+
+    def blame(bad: np.ndarray, message: Callable[[int, int], str]) -> None:
+        if not bad.any():
+            return
+        for row in np.flatnonzero(bad).tolist():
+            k = int(np.searchsorted(ends, row, side="right"))
+            if errors[k] is None:
+                j = row - int(starts[k])
+                chunk = chunks[k]
+                at = where(int(chunk.index[j]), chunk.series_ids[j], *_NAMES[chunk.kind])
+                errors[k] = InvalidInput(f"{at}: {message(row, j)}")
+
+    return blame
+
+
+NOT_FINITE_FORECAST = (
+    "the model's forecast is not finite: the values are far outside the range the model "
+    "forecasts from (its lags reach back to earlier values too)"
+)
+
+
+def check_forecasts(chunks: Sequence[Any], sizes: Sequence[int], forecast: np.ndarray) -> list[InvalidInput | None]:
+    """Per chunk, None or an error for its first step whose forecast [horizon, Q] has a non-finite
+    number: finite but huge inputs (1e20, say) can overflow float32 inside the graph, and the
+    server never answers with NaN or inf."""
+    errors: list[InvalidInput | None] = [None] * len(chunks)
+    if np.isfinite(forecast).all():  # the usual case: one pass over the batch
+        return errors
+    bad = ~np.isfinite(forecast.reshape(len(forecast), -1)).all(axis=1)
+    _blamer(chunks, sizes, errors)(bad, lambda r, _: NOT_FINITE_FORECAST)
+    return errors
+
+
+def check_sequence_forecasts(forecast: np.ndarray, positions: Sequence[int], histories: Sequence[History]) -> None:
+    """Unary forecasts [B, horizon, Q] of the histories at these request positions: an error
+    naming the first whose forecast is not finite (see check_forecasts)."""
+    if np.isfinite(forecast).all():
+        return
+    k = _first(~np.isfinite(forecast.reshape(len(forecast), -1)).all(axis=1))
+    i = int(positions[k])
+    raise InvalidInput(f"{where(i, histories[i].series_id, 'series')}: {NOT_FINITE_FORECAST}")
+
+
+def check_history(h: History, index: int, num_covariates: int, max_id_bytes: int, max_ts: int) -> None:
     """One unary history: a series id of at most max_id_bytes, non-empty, aligned lengths,
-    finite, increasing timestamps."""
+    finite, increasing timestamps within [MIN_TIMESTAMP_MS, max_ts]."""
     at = where(index, h.series_id, "series")
     if not h.series_id:
         raise InvalidInput(f"series {index}: series_id is empty")
@@ -136,12 +193,17 @@ def check_history(h: History, index: int, num_covariates: int, max_id_bytes: int
         raise InvalidInput(f"{at}: values[{k}] is {h.values[k]}; values must be finite numbers")
     if not np.isfinite(h.covariates).all():
         raise InvalidInput(f"{at}: covariates contain non-finite numbers")
-    steps = np.diff(h.timestamps_ms)
-    if (steps <= 0).any():
-        k = _first(steps <= 0) + 1
+    ts = h.timestamps_ms
+    out_of_range = (ts < MIN_TIMESTAMP_MS) | (ts > max_ts)
+    if out_of_range.any():
+        k = _first(out_of_range)
+        raise InvalidInput(f"{at}: timestamps_ms[{k}] = {ts[k]} is out of range; {_timestamp_range(max_ts)}")
+    not_after = ts[1:] <= ts[:-1]  # not np.diff: a difference of two int64 timestamps can overflow
+    if not_after.any():
+        k = _first(not_after) + 1
         raise InvalidInput(
-            f"{at}: timestamps_ms[{k}] = {h.timestamps_ms[k]} is not after timestamps_ms[{k - 1}] = "
-            f"{h.timestamps_ms[k - 1]}; timestamps must increase"
+            f"{at}: timestamps_ms[{k}] = {ts[k]} is not after timestamps_ms[{k - 1}] = {ts[k - 1]}; "
+            "timestamps must increase"
         )
 
 

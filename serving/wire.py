@@ -19,8 +19,10 @@ series_id, timestamp_ms, forecast_timestamps_ms, point, quantiles, model_version
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -39,7 +41,6 @@ _THRESHOLDS = np.array([1 << (7 * k) for k in range(1, 10)], np.uint64)  # 2^7 .
 # steps), so 8 MiB keeps ~19,000 distinct observation times, over a year of half-hourly steps.
 HEADS_BUDGET_BYTES = 8 << 20
 TIMING_BUDGET_BYTES = 8 << 20
-_CACHE_KEY = "forecast.v1"  # our entry in StepBatch.encoded
 PARTS_PER_ROW = 7
 
 
@@ -57,7 +58,8 @@ def varint(n: int) -> bytes:
 _SMALL = [varint(i) for i in range(1 << 14)]  # lengths and step counts: one lookup, no loop
 
 
-def _varint_of(n: int) -> bytes:
+def varint_of(n: int) -> bytes:
+    """varint(n), from a table for lengths and counts below 16,384."""
     return _SMALL[n] if 0 <= n < 16384 else varint(n)
 
 
@@ -116,7 +118,17 @@ def _paths_layout(horizon: int, quantiles: tuple[float, ...]) -> tuple[np.ndarra
 def _series_id_field(series_id: str) -> bytes:
     """SeriesForecast.series_id (field 1): tag, length, UTF-8 bytes."""
     sid_b = series_id.encode()
-    return b"\x0a" + _varint_of(len(sid_b)) + sid_b
+    return b"\x0a" + varint_of(len(sid_b)) + sid_b
+
+
+class _Prepared(NamedTuple):
+    """A batch's shared encoding: row i's float paths are raw[i * width : (i + 1) * width]."""
+
+    raw: memoryview
+    width: int
+    timing: list[bytes]  # per row: the timestamp_ms and forecast_timestamps_ms fields
+    tail: bytes  # model_version field and the steps_seen tag
+    steps_seen: list[int]
 
 
 class ForecastEncoder:
@@ -130,6 +142,9 @@ class ForecastEncoder:
         self._timing: dict[tuple[int, int], ByteBoundedCache[int, bytes]] = {}
         self._timing_budget = timing_budget_bytes
         self._heads: ByteBoundedCache[str, bytes] = ByteBoundedCache(heads_budget_bytes)
+        # Per batch, while it lives: its shared encoding (see _row_parts). Weak keys: a batch's entry
+        # goes with the batch, once every request it answered has been written out.
+        self._batches: weakref.WeakKeyDictionary[StepBatch, _Prepared] = weakref.WeakKeyDictionary()
 
     @property
     def cache_bytes(self) -> int:
@@ -150,7 +165,7 @@ class ForecastEncoder:
             ends = np.cumsum(count.reshape(len(missing), horizon).sum(axis=1)).tolist()
             raw = data.tobytes()
             fields = {
-                t: b"".join((b"\x10", varint(t), b"\x1a", _varint_of(end - start), raw[start:end]))
+                t: b"".join((b"\x10", varint(t), b"\x1a", varint_of(end - start), raw[start:end]))
                 for t, start, end in zip(missing, [0, *ends[:-1]], ends)
             }
             for t in missing:  # through the cache's own path: it may move entries between generations
@@ -175,58 +190,67 @@ class ForecastEncoder:
         timestamps_ms int64 [n], forecast float32 [n, horizon, Q] in raw units, steps_seen int64 [n];
         the forecast timestamps are timestamps_ms + k * freq_ms for k = 1..horizon.
         """
-        n, horizon, q_count = forecast.shape
+        batch = StepBatch(
+            list(series_ids), timestamps_ms, forecast, steps_seen, model_version, freq_ms, tuple(quantiles), point_index
+        )
+        return self._row_parts(batch, 0, len(batch))
+
+    def _prepare(self, batch: StepBatch) -> _Prepared:
+        """What every row of a batch shares, encoded once: the float paths as bytes, the timing
+        fields, the model_version field."""
+        n, horizon, q_count = batch.forecast.shape
+        ts = np.asarray(batch.timestamps_ms, np.int64)
         if n == 0:
-            return []
-        ts = np.asarray(timestamps_ms, np.int64)
-        if ts[0] == ts[-1] and (ts == ts[0]).all():  # series on a common clock: one timing field
-            timing = self._timing_fields([int(ts[0])], freq_ms, horizon) * n
+            timing: list[bytes] = []
+        elif ts[0] == ts[-1] and (ts == ts[0]).all():  # series on a common clock: one timing field
+            timing = self._timing_fields([int(ts[0])], batch.freq_ms, horizon) * n
         else:
-            timing = self._timing_fields(ts.tolist(), freq_ms, horizon)
-        template, spans = _paths_layout(horizon, tuple(quantiles))
+            timing = self._timing_fields(ts.tolist(), batch.freq_ms, horizon)
+        template, spans = _paths_layout(horizon, tuple(batch.quantiles))
         width = template.size
         rows = np.empty((n, width), np.uint8)
         rows[:] = template
         # Each path [n, horizon] is copied straight into its byte span, seen as little-endian floats.
-        for q, (start, end) in zip([point_index, *range(q_count)], spans):
-            rows[:, start:end].view("<f4")[:] = forecast[:, :, q]
-        raw = memoryview(rows.tobytes())
+        for q, (start, end) in zip([batch.point_index, *range(q_count)], spans):
+            rows[:, start:end].view("<f4")[:] = batch.forecast[:, :, q]
+        version = batch.model_version.encode()
+        tail = b"\x32" + varint_of(len(version)) + version + b"\x38"  # model_version, steps_seen tag
+        return _Prepared(memoryview(rows.tobytes()), width, timing, tail, batch.steps_seen.tolist())
 
-        version = model_version.encode()
-        tail = b"\x32" + _varint_of(len(version)) + version + b"\x38"  # model_version, steps_seen tag
+    def _row_parts(self, batch: StepBatch, start: int, stop: int) -> list[bytes | memoryview]:
+        """PARTS_PER_ROW encoded parts for each of the batch's rows start..stop-1.
+
+        The numpy work is done once per batch (a batch shared by 64 streams is laid out once, not
+        64 times) and kept while the batch lives; the per-row parts only for the rows asked for,
+        so rows of other transports' requests in the same batch cost nothing here.
+        """
+        prepared = self._batches.get(batch)
+        if prepared is None:
+            prepared = self._batches[batch] = self._prepare(batch)
+        raw, width, timing, tail, steps_seen = prepared
         base = width + len(tail)
-        v, cache, out = _varint_of, self._heads, []
+        v, cache, out = varint_of, self._heads, []
         heads = cache.recent
-        for i, (sid, time_fields, steps) in enumerate(zip(series_ids, timing, steps_seen.tolist())):
+        for i in range(start, stop):
+            sid = batch.series_ids[i]
             head = heads.get(sid)  # series_id field; a stream sends the same ids again and again
             if head is None:
                 head = cache.get_or_make(sid, _series_id_field)
                 heads = cache.recent  # a new generation may have started
-            steps_b = v(steps)
+            time_fields, steps_b = timing[i], v(steps_seen[i])
             size = base + len(head) + len(time_fields) + len(steps_b)
             out += (b"\x0a", v(size), head, time_fields, raw[i * width : (i + 1) * width], tail, steps_b)
         return out
 
-    def batch_parts(self, batch: StepBatch) -> list[bytes | memoryview]:
-        """Every row of a batch encoded; done once per batch and kept on it for its other requests."""
-        parts = batch.encoded.get(_CACHE_KEY)
-        if parts is None:
-            parts = batch.encoded[_CACHE_KEY] = self.encode(
-                batch.series_ids, batch.timestamps_ms, batch.forecast, batch.steps_seen,
-                batch.model_version, batch.freq_ms, batch.quantiles, batch.point_index,
-            )  # fmt: skip
-        return parts
-
     def encode_groups(self, groups: Sequence[ForecastGroup], n: int) -> bytes:
         """A StreamResponse/ForecastResponse with n forecasts, placed by each group's request index."""
-        k = PARTS_PER_ROW
         if len(groups) == 1 and len(groups[0].index) == n:  # the usual case: one group, in order
             g = groups[0]
-            return b"".join(self.batch_parts(g.batch)[k * g.start : k * (g.start + n)])
+            return b"".join(self._row_parts(g.batch, g.start, g.start + n))
+        k = PARTS_PER_ROW
         ordered: list[list] = [[]] * n
         for g in groups:
-            parts = self.batch_parts(g.batch)
+            parts = self._row_parts(g.batch, g.start, g.start + len(g.index))
             for j, position in enumerate(g.index.tolist()):
-                row = g.start + j
-                ordered[position] = parts[k * row : k * (row + 1)]
+                ordered[position] = parts[k * j : k * (j + 1)]
         return b"".join(p for row in ordered for p in row)

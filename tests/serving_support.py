@@ -4,7 +4,11 @@ built from server reflection alone, and offline ONNX Runtime references to compa
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -22,6 +26,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from serving.config import ModelSourceConfig, RuntimeConfig, ServerConfig, StateConfig
 from serving.server import ForecastServer, create_server
 
+ROOT = Path(__file__).resolve().parents[1]
 START_MS = 1_388_534_400_000
 FREQ_MS = 1_800_000
 
@@ -88,21 +93,70 @@ class RunningServer:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def metrics_text(self) -> str:
-        import urllib.request
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=5) as r:
-            return r.read().decode()
+    def metrics_text(self) -> str:
+        return metrics_text(self.metrics_url)
 
     def metric(self, name: str, **labels: str) -> float:
-        """The first sample called name (with these labels, when given)."""
-        from prometheus_client.parser import text_string_to_metric_families
+        return metric(self.metrics_url, name, **labels)
 
-        for family in text_string_to_metric_families(self.metrics_text()):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        raise KeyError(f"{name} {labels}")
+
+def metrics_text(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The first sample called name (with these labels, when given) at a /metrics URL."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics_text(url)):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise KeyError(f"{name} {labels}")
+
+
+class ServerProcess:
+    """`python -m serving ARGS` as a user runs it; its output lines are collected as they come."""
+
+    def __init__(self, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving", *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for_line(self, pattern: str, timeout: float = 90) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := re.search(pattern, line):
+                    return m
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
 
 
 def health_status(channel: grpc.Channel, service: str = "forecast.v1.Forecaster") -> int:

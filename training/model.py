@@ -284,44 +284,61 @@ class Forecaster(nn.Module):
         return torch.cat(parts, dim=-1)
 
     # -- the lag buffer ---------------------------------------------------------------------
-    def _lag_window(self, values: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor]:
-        """The buffer followed by this call's values, ext (B, S + T) raw, and which of them are real
-        observations, known (B, S + T) bool: the buffer's first S - lags_seen entries are not."""
-        ext = torch.cat([state["lags"], values], dim=1)
+    def _lag_window(
+        self, values: torch.Tensor, z: torch.Tensor, state: State, scaled: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The buffer followed by this call's values, ext (B, S + T), and which of them are real
+        observations, known (B, S + T) bool (the buffer's first S - lags_seen entries are not).
+
+        ext is raw (scaled: False), for the graphs, where a step needs only a few of the S + T values
+        and scales just those (cheaper than all of them), or scaled (scaled: True), for training, where
+        every step needs ~100 of them and scaling the window once is the cheaper way round. The
+        forecasts are the same either way: scaling is elementwise.
+        """
+        ext = torch.cat([self.scale_values(state["lags"]), z] if scaled else [state["lags"], values], dim=1)
         position = torch.arange(ext.shape[1], device=values.device).to(values.dtype)  # (S + T,)
         known = position >= self.config.buffer_size - state["lags_seen"]  # (B, S + T)
-        return ext, known
+        return ext, known, scaled
 
-    def _lag_features(self, z: torch.Tensor, ext: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    def _lag_features(self, z: torch.Tensor, ext: torch.Tensor, known: torch.Tensor, scaled: bool) -> torch.Tensor:
         """z (B, T) scaled values -> (B, T, 3 * lags): per lag the change since one lag ago, the change
         to the value one lag before the next step, and whether the lag is known (changes are 0 if not)."""
         n, steps = len(self.config.lags), z.shape[1]
         idx = self.config.buffer_size + torch.arange(steps, device=z.device)[:, None] + self.lag_feature_offsets
-        past = self.scale_values(ext[:, idx]).unflatten(-1, (n, 2))  # (B, T, lags, 2)
+        past = ext[:, idx] if scaled else self.scale_values(ext[:, idx])
+        past = past.unflatten(-1, (n, 2))  # (B, T, lags, 2)
         ok = known[:, idx].unflatten(-1, (n, 2)).to(z.dtype)
         since = (z.unsqueeze(-1) - past[..., 0]) * ok[..., 0]
         ahead = (past[..., 1] - z.unsqueeze(-1)) * ok[..., 1]
         return torch.cat([since, ahead, ok[..., 0]], dim=-1)
 
-    def _references(self, ext: torch.Tensor, known: torch.Tensor, z: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    def _references(
+        self, ext: torch.Tensor, known: torch.Tensor, scaled: bool, z: torch.Tensor, steps: torch.Tensor
+    ) -> torch.Tensor:
         """Scaled references at the given steps (T',) with their z (B, T') -> (B, T', horizon, 1 + lags):
         the latest value, then each lag's seasonal naive forecast (the latest value where unknown)."""
         cfg = self.config
         idx = cfg.buffer_size + steps[:, None] + self.lag_reference_offsets  # (T', horizon * lags)
         latest = z.unsqueeze(-1)  # (B, T', 1)
-        lagged = torch.where(known[:, idx], self.scale_values(ext[:, idx]), latest)
+        lagged = torch.where(known[:, idx], ext[:, idx] if scaled else self.scale_values(ext[:, idx]), latest)
         lagged = lagged.unflatten(-1, (cfg.horizon, len(cfg.lags)))  # (B, T', horizon, lags)
         return torch.cat([latest.unsqueeze(-1).expand(-1, -1, cfg.horizon, 1), lagged], dim=-1)
 
     # -- network ----------------------------------------------------------------------------
     def encode(
-        self, values: torch.Tensor, timestamps_ms: torch.Tensor, covariates: torch.Tensor | None, state: State
-    ) -> tuple[torch.Tensor, torch.Tensor, State, tuple[torch.Tensor, torch.Tensor] | None]:
+        self,
+        values: torch.Tensor,
+        timestamps_ms: torch.Tensor,
+        covariates: torch.Tensor | None,
+        state: State,
+        scaled_window: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, State, tuple[torch.Tensor, torch.Tensor, bool] | None]:
         """Run the cell over (B, T) steps from ``state`` -> top-layer outputs (B, T, H), scaled values
-        (B, T), the state to continue from, and the lag window (ext, known) when the model has lags."""
+        (B, T), the state to continue from, and the lag window (ext, known, scaled) when the model has
+        lags (``scaled_window``: see _lag_window)."""
         cfg = self.config
         z = self.scale_values(values)
-        window = self._lag_window(values, state) if cfg.lags else None
+        window = self._lag_window(values, z, state, scaled_window) if cfg.lags else None
         lag_features = self._lag_features(z, *window) if window is not None else None
         x = self.features(values, timestamps_ms, covariates, lag_features)
         if cfg.cell == "lstm":
@@ -334,7 +351,8 @@ class Forecaster(nn.Module):
             s = cfg.buffer_size
             # The last S values, this call's included; gathered by an index of static length S rather
             # than sliced, so the exported graphs keep lags_out's shape [B, S] static like lags'.
-            new["lags"] = window[0][:, self.buffer_positions + values.shape[1]]
+            raw = torch.cat([state["lags"], values], dim=1) if window[2] else window[0]
+            new["lags"] = raw[:, self.buffer_positions + values.shape[1]]
             new["lags_seen"] = torch.clamp(state["lags_seen"] + values.shape[1], max=float(s))
         return out, z, new, window
 
@@ -376,7 +394,7 @@ class Forecaster(nn.Module):
         forecast after every step. (B, T) -> (B, T, horizon, Q); entry t is made after observing step t.
         Training windows pass the window's lag buffer with a zero recurrent state."""
         state = self.zero_state(values.shape[0]) if state is None else state
-        out, z, _, window = self.encode(values, timestamps_ms, covariates, state)
+        out, z, _, window = self.encode(values, timestamps_ms, covariates, state, scaled_window=True)
         if window is None:
             return self.quantiles_z(out, z)
         steps = torch.arange(values.shape[1], device=values.device)

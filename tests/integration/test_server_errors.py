@@ -77,6 +77,16 @@ CASES = {
         "INVALID_ARGUMENT",
         r"observation 0 \(series 'bad'\): 1 covariates given, the model takes none",
     ),
+    "a value the model overflows on": (
+        [[obs("ok"), obs(value=1e20)]],
+        "INVALID_ARGUMENT",
+        r"observation 1 \(series 'bad'\): the model's forecast is not finite",
+    ),
+    "a timestamp whose forecast times leave int64": (
+        [[obs(timestamp_ms=2**63 - 1)]],
+        "INVALID_ARGUMENT",
+        r"observation 0 \(series 'bad'\): timestamp_ms 9223372036854775807 is out of range",
+    ),
     "unknown model": (
         [[obs()]],
         "NOT_FOUND",
@@ -136,3 +146,23 @@ def test_after_all_that_the_server_is_serving_and_correct(client, model_dir, cha
     for _ in range(3):
         bystander.step()
     bystander.close()
+
+
+@pytest.mark.parametrize("method", ["StreamForecast", "Forecast", "GetModelInfo"])
+def test_bytes_that_are_not_a_request_get_invalid_argument(method, client, model_dir, channel):
+    # A truncated field, then a series id that is not UTF-8: grpcio itself answers UNKNOWN (unary)
+    # or hands the handler a DecodeError (streams) for these.
+    bystander = Bystander(client, model_dir)
+    bystander.step()
+    path = f"/forecast.v1.Forecaster/{method}"
+    for data in (b"\x0a\x05abc", b"\x0a\x03\x0a\x01\xff"):
+        with pytest.raises(grpc.RpcError) as err:
+            if method == "StreamForecast":
+                list(channel.stream_stream(path, lambda b: b, lambda b: b)(iter([data]), timeout=30))
+            else:
+                channel.unary_unary(path, lambda b: b, lambda b: b)(data, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("cannot parse the request as forecast.v1.")
+    bystander.step()
+    bystander.close()
+    assert health_status(channel) == SERVING

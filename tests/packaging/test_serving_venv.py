@@ -55,7 +55,7 @@ def serving_venv(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def image_app(tmp_path_factory) -> Path:
     """/app of the serving image: serving/ with its generated stubs, and nothing else."""
-    import serving.proto  # noqa: F401  (makes sure the dev checkout's stubs exist and are fresh)
+    import serving.proto  # noqa: F401  (fails unless the dev checkout's stubs exist and are fresh)
 
     app = tmp_path_factory.mktemp("app")
     shutil.copytree(ROOT / "serving", app / "serving", ignore=shutil.ignore_patterns("__pycache__"))

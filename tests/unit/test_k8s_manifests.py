@@ -92,10 +92,13 @@ def server_argv(container: dict) -> list[str]:
 
 
 def parse_server_args(argv: list[str]) -> tuple[object, dict[str, str]]:
+    """(the parsed flags, every flag with a value by name): flags the server does not accept yet
+    must be ones the contract names (CONTRACT_FLAGS_PENDING)."""
     args, unknown = parser().parse_known_args(argv)
     pending = dict(zip(unknown[::2], unknown[1::2]))
     assert len(unknown) % 2 == 0 and set(pending) <= CONTRACT_FLAGS_PENDING, f"unknown server flags: {unknown}"
-    return args, pending
+    given = {a: b for a, b in zip(argv, argv[1:]) if a.startswith("--") and not b.startswith("--")}
+    return args, given
 
 
 def flag(argv: list[str], name: str) -> str:

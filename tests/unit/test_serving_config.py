@@ -75,3 +75,20 @@ def test_limit_and_security_flags_become_the_config():
     assert cfg.security == SecurityConfig(Path("s.pem"), Path("s.key"), Path("ca.pem"), Path("tokens"))
     assert cfg.security.mode == "mtls"
     assert cfg.limits == LimitsConfig(64, 7, 8, 9)
+
+
+def test_the_http_binding_is_off_unless_asked_for():
+    assert config_from(parser().parse_args([]), {}).http_port is None
+    assert config_from(parser().parse_args(["--http-port", "0"]), {}).http_port == 0
+    assert config_from(parser().parse_args(["--http-port", "8000"]), {}).http_port == 8000
+    with pytest.raises(ValueError, match=r"http_port must be in 0\.\.65535"):
+        ServerConfig(http_port=70000)
+
+
+def test_the_server_version_is_the_projects():
+    import tomllib
+
+    import serving
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    assert serving.__version__ == project["version"]  # what ServerMetadata reports

@@ -24,28 +24,35 @@ def test_loop_metrics_match_prometheus_client():
     values = [0.0001, 0.0002, 0.00020001, 0.003, 0.05, 1.0, 5.0, 7.5, 0.0005]  # on, below and above bounds
     ours = Metrics()
     reference = CollectorRegistry()
-    ref_latency = Histogram("forecast_latency_seconds", "x", ["rpc"], buckets=_LATENCY_BUCKETS, registry=reference)
-    ref_observations = Counter("forecast_observations", "x", ["rpc"], registry=reference)
-    ref_messages = Counter("forecast_stream_messages", "x", registry=reference)
+    labels = ["rpc", "protocol"]
+    ref_latency = Histogram("forecast_latency_seconds", "x", labels, buckets=_LATENCY_BUCKETS, registry=reference)
+    ref_observations = Counter("forecast_observations", "x", labels, registry=reference)
+    ref_messages = Counter("forecast_stream_messages", "x", ["protocol"], registry=reference)
+    ref_messages.labels("oip-grpc")
     for v in values:
-        ours.latency("StreamForecast").observe(v)
-        ref_latency.labels("StreamForecast").observe(v)
-        ours.observations("StreamForecast").inc(3)
-        ref_observations.labels("StreamForecast").inc(3)
-        ours.messages().inc()
-        ref_messages.inc()
-    ours.latency("Forecast").observe(0.01)
-    ref_latency.labels("Forecast").observe(0.01)
+        ours.latency("StreamForecast", "forecast.v1").observe(v)
+        ref_latency.labels("StreamForecast", "forecast.v1").observe(v)
+        ours.observations("StreamForecast", "forecast.v1").inc(3)
+        ref_observations.labels("StreamForecast", "forecast.v1").inc(3)
+        ours.messages("forecast.v1").inc()
+        ref_messages.labels("forecast.v1").inc()
+    ours.latency("ModelInfer", "oip-http").observe(0.01)
+    ref_latency.labels("ModelInfer", "oip-http").observe(0.01)
     for name in ("forecast_latency_seconds", "forecast_observations", "forecast_stream_messages"):
         got, want = samples(ours.registry, name), samples(reference, name)
         assert got == want, name
     assert (
         samples(ours.registry, "forecast_latency_seconds")[
-            ("forecast_latency_seconds_bucket", (("le", "0.0002"), ("rpc", "StreamForecast")))
+            (
+                "forecast_latency_seconds_bucket",
+                (("le", "0.0002"), ("protocol", "forecast.v1"), ("rpc", "StreamForecast")),
+            )
         ]
         == 2
     )  # a value equal to a bound counts in that bucket
 
 
 def test_messages_counter_is_exposed_before_any_message():
-    assert samples(Metrics().registry, "forecast_stream_messages") == {("forecast_stream_messages_total", ()): 0.0}
+    assert samples(Metrics().registry, "forecast_stream_messages") == {
+        ("forecast_stream_messages_total", (("protocol", protocol),)): 0.0 for protocol in ("forecast.v1", "oip-grpc")
+    }
