@@ -4,6 +4,7 @@ InferenceService, against KServe's own CRD schema; then what the manifests must 
 server: probes on its health service, the GPU request, draining time, secrets, non-root."""
 
 import gzip
+import itertools
 import json
 import re
 import shutil
@@ -97,7 +98,7 @@ def parse_server_args(argv: list[str]) -> tuple[object, dict[str, str]]:
     args, unknown = parser().parse_known_args(argv)
     pending = dict(zip(unknown[::2], unknown[1::2]))
     assert len(unknown) % 2 == 0 and set(pending) <= CONTRACT_FLAGS_PENDING, f"unknown server flags: {unknown}"
-    given = {a: b for a, b in zip(argv, argv[1:]) if a.startswith("--") and not b.startswith("--")}
+    given = {a: b for a, b in itertools.pairwise(argv) if a.startswith("--") and not b.startswith("--")}
     return args, given
 
 
