@@ -389,9 +389,20 @@ def start_mlflow_serve(python: Path, forecasting_uri: str, tracking_uri: str, lo
 
 def start_mlserver(python: Path, forecasting_dir: Path, work: Path, log_dir: Path) -> tuple[Proc, str]:
     """MLServer with its MLflow runtime on a local copy of the forecasting pyfunc, server defaults
-    otherwise (one parallel inference worker), REST and metrics on free loopback ports too."""
+    otherwise (one parallel inference worker), REST and metrics on free loopback ports too.
+
+    The copy's loader module is bench/mlserver_adapter.py (the same forecast, its datetime and
+    string columns as strings), because MLServer's pandas codec cannot encode them."""
     home = work / "mlserver"
     home.mkdir()
+    adapted = home / "pyfunc"
+    shutil.copytree(forecasting_dir, adapted)
+    shutil.copy(Path(__file__).with_name("mlserver_adapter.py"), adapted / "code" / "mlserver_adapter.py")
+    mlmodel = adapted / "MLmodel"
+    text = mlmodel.read_text()
+    if "loader_module: forecasting_pyfunc" not in text:
+        raise Unavailable(f"unexpected pyfunc layout, no forecasting_pyfunc loader in {mlmodel}")
+    mlmodel.write_text(text.replace("loader_module: forecasting_pyfunc", "loader_module: mlserver_adapter"))
     grpc_port = free_port()
     settings = {"host": "127.0.0.1", "http_port": free_port(), "grpc_port": grpc_port, "metrics_port": free_port(),
                 "debug": False}  # fmt: skip
@@ -399,7 +410,7 @@ def start_mlserver(python: Path, forecasting_dir: Path, work: Path, log_dir: Pat
     model = {
         "name": MODEL,
         "implementation": "mlserver_mlflow.MLflowRuntime",
-        "parameters": {"uri": str(forecasting_dir)},
+        "parameters": {"uri": str(adapted)},
     }
     (home / "model-settings.json").write_text(json.dumps(model))
     proc = Proc("MLServer", [str(python.parent / "mlserver"), "start", str(home)], log_dir, env=_env(python))

@@ -50,6 +50,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -67,6 +68,7 @@ from bench.common import machine, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = ROOT / "docs" / "img"
+LOGS = ROOT / "bench" / "results" / "peers-logs"
 WINDOW = 336
 KS = (1, 64, 512)
 CHECK_SERIES = 4
@@ -81,7 +83,8 @@ ECHO = "bare gRPC echo, same bytes (floor)"
 NOTES = {
     TRITON: "the model step runs behind the python backend's extra hop (tritonserver <-> stub process over shared memory)",
     MLFLOW: "server defaults (one uvicorn worker)",
-    MLSERVER: "server defaults (one parallel inference worker)",
+    MLSERVER: "server defaults (one parallel inference worker); the pyfunc behind a 10-line adapter "
+    "(bench/mlserver_adapter.py): MLServer's pandas codec cannot encode its datetime and string columns",
 }
 
 
@@ -395,8 +398,10 @@ def batched_floor(this: ps.System, step_graph_dir: Path, rounds: int, scale: flo
 # -- the run ---------------------------------------------------------------------------------------------------
 
 
-def start_all(reg: Registered, work: Path, log_dir: Path) -> tuple[list[ps.System], dict[str, str]]:
-    """Every system that can start here, and why the others cannot."""
+def start_all(
+    reg: Registered, work: Path, log_dir: Path, only: list[str] | None = None
+) -> tuple[list[ps.System], dict[str, str]]:
+    """Every system that can start here (those named by `only`, and this server), and why the others cannot."""
     systems, unavailable = [], {}
     q = len(reg.quantiles)
     qcols = [__import__("training.forecasting_pyfunc", fromlist=["x"]).quantile_column(x) for x in reg.quantiles]
@@ -424,6 +429,8 @@ def start_all(reg: Registered, work: Path, log_dir: Path) -> tuple[list[ps.Syste
                          ps.oip_sequence_protocol(reg.horizon, q)),
     }  # fmt: skip
     for name, start in starters.items():
+        if only and not any(w.lower() in name.lower() for w in only):
+            continue
         print(f"starting {name} ...", flush=True)
         try:
             (proc, target), protocol = start()
@@ -454,6 +461,15 @@ def start_echo(this: ps.System, log_dir: Path, work: Path) -> ps.System:
     return ps.System(ECHO, ps.v1_protocol(), f"127.0.0.1:{port}", [proc])
 
 
+def failure(system: ps.System, exc: Exception) -> str:
+    """Why a cell failed, for its row: the client's error, and the server's last log lines if it died."""
+    why = f"{type(exc).__name__}: {getattr(exc, 'details', lambda: None)() or str(exc)[:300]}"
+    for proc in system.procs:
+        if proc.proc.poll() is not None:
+            why += f"; {proc.name} exited with {proc.proc.returncode}: {proc.tail(4)[:400]} (log: {proc.log})"
+    return why
+
+
 def measure(systems: list[ps.System], echo: ps.System | None, args, scale: float) -> tuple[dict, dict]:
     """cells[system][K] (median round) and the K=64 latencies of that round, per system."""
     cells: dict[str, dict[int, dict]] = {s.name: {} for s in systems}
@@ -465,11 +481,16 @@ def measure(systems: list[ps.System], echo: ps.System | None, args, scale: float
             for s in systems + ([echo] if echo is not None and k == 64 else []):
                 if "error" in cells.get(s.name, {}).get(k, {}):
                     continue
+                if dead := [proc for proc in s.procs if proc.proc.poll() is not None]:
+                    cells.setdefault(s.name, {})[k] = {
+                        "error": f"{dead[0].name} had exited ({dead[0].proc.returncode})"
+                    }
+                    continue
                 try:
                     summary, lat = asyncio.run(run_cell(s, k, args.seconds, int(args.max_obs * scale), sid))
                 except Exception as exc:  # a peer that fails under load: its row says so, the others go on
                     traceback.print_exc()
-                    cells.setdefault(s.name, {})[k] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    cells.setdefault(s.name, {})[k] = {"error": failure(s, exc)}
                     continue
                 finally:
                     sid += k + 1
@@ -496,6 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model-dir", type=Path, default=None, help="graphs to register (default: the default config, untrained)"
     )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="WORD",
+        help="run only the peers whose name holds one of these words (this server always runs)",
+    )
     p.add_argument("--no-charts", action="store_true")
     args = p.parse_args(argv)
     scale = 1.0
@@ -509,12 +537,13 @@ def main(argv: list[str] | None = None) -> int:
     echo = None
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
         work = Path(tmp)
-        log_dir = work / "logs"
-        log_dir.mkdir()
+        log_dir = LOGS  # kept after the run: a system that failed is explained there
+        shutil.rmtree(log_dir, ignore_errors=True)
+        log_dir.mkdir(parents=True)
         try:
             print("registering the model in a temporary MLflow store ...", flush=True)
             reg = register(model_dir, work)
-            systems, unavailable = start_all(reg, work, log_dir)
+            systems, unavailable = start_all(reg, work, log_dir, args.only)
             echo = start_echo(systems[0], log_dir, work)
             print(f"checking that every system gives the same forecasts ({CHECK_SERIES} series x {WINDOW} steps) ...")
             reference = reference_forecasts(reg.sequence_graph, CHECK_SERIES)
