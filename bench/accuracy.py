@@ -40,7 +40,7 @@ import numpy as np
 
 from bench.common import print_table, write_results
 from training.config import load_config
-from training.evaluate import backtest
+from training.evaluate import BacktestResult, backtest, point_index
 from training.pipeline import prepare, run_backtest
 from training.train import train_forecaster
 
@@ -50,11 +50,12 @@ DARTS_MODELS = {
     "block": "Darts BlockRNNModel (LSTM 2x64, quantile regression)",
     "rnn": "Darts RNNModel (LSTM 2x64, quantile regression)",
 }
+FORECAST_CHART = Path(__file__).resolve().parents[1] / "docs" / "img" / "forecast-week.png"
 DARTS_MARGIN = 0.05  # the project's MASE must be at least 5% below the better Darts row
 
 
-def train_and_score(cfg) -> tuple[dict, dict]:
-    """Train cfg's model as `fit` would and backtest it: (run record, baselines' metrics)."""
+def train_and_score(cfg) -> tuple[dict, dict, BacktestResult]:
+    """Train cfg's model as `fit` would and backtest it: (run record, baselines' metrics, the backtest)."""
     dataset, parts, model_cfg, cfg = prepare(cfg)
     started = time.perf_counter()
     model, result = train_forecaster(model_cfg, parts, cfg.train, progress=False)
@@ -69,7 +70,49 @@ def train_and_score(cfg) -> tuple[dict, dict]:
         "window": cfg.train.window,
         **bt.metrics,
     }
-    return run, bt.baselines
+    return run, bt.baselines, bt
+
+
+def forecast_week_chart(bt: BacktestResult, path: Path, days: int = 7) -> Path:
+    """PNG: a week of the test region, day-ahead forecasts (one origin a day, at the last step of the
+    day before) against the actuals, median and outer quantile band; the first week that starts on
+    a Monday. One series (the first)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    d = bt.details[0]
+    times = d.timestamps_ms.astype("datetime64[ms]")
+    first_day = times[d.origins + 1].astype("datetime64[D]")  # [N] the day each forecast starts
+    weekday = (first_day.astype(np.int64) + 3) % 7  # 1970-01-01 was a Thursday: Monday -> 0
+    start = int(np.flatnonzero(weekday == 0)[0]) if (weekday == 0).any() else 0
+    pick = slice(start, min(start + days, len(d.origins)))
+    h = bt.horizon
+    steps = (d.origins[pick, None] + 1 + np.arange(h)).reshape(-1)  # [days * H] consecutive when H is a day
+    fc = d.forecast[pick].reshape(-1, len(bt.quantiles))  # [days * H, Q]
+    actual = d.actual[pick].reshape(-1)
+    mid = point_index(bt.quantiles)
+    inside = float(np.mean((actual >= fc[:, 0]) & (actual <= fc[:, -1])))
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    t = times[steps]
+    ax.fill_between(t, fc[:, 0], fc[:, -1], color="tab:blue", alpha=0.25,
+                    label=f"q{bt.quantiles[0]:g}..q{bt.quantiles[-1]:g} band")  # fmt: skip
+    ax.plot(t, fc[:, mid], color="tab:blue", label=f"forecast (q{bt.quantiles[mid]:g})")
+    ax.plot(t, actual, color="black", linewidth=1, label="actual")
+    for o in d.origins[pick]:
+        ax.axvline(times[o], color="0.8", linewidth=0.8)
+    ax.set_ylabel(bt.target)
+    ax.set_xlabel("time (UTC); grey lines: forecast origins, one a day, each forecasting the next 48 half-hours")
+    week = np.datetime_as_string(t[0], unit="D")
+    ax.set_title(f"Day-ahead forecasts for the week of {week} (test region): {inside:.0%} of actuals inside the band\n"
+                 f"whole backtest MASE {bt.metrics['mase']:.3f}, coverage {bt.metrics['coverage']:.0%}")  # fmt: skip
+    ax.legend(loc="upper right", fontsize="small")
+    ax.grid(True, alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    return path
 
 
 def elecdemand(args: argparse.Namespace) -> None:
@@ -78,7 +121,7 @@ def elecdemand(args: argparse.Namespace) -> None:
         scores, times = [], []
         for seed in args.seeds:
             cfg = load_config(args.config, [*args.overrides, *VARIANTS[variant], f"train.seed={seed}"])
-            run, baselines = train_and_score(cfg)
+            run, baselines, _ = train_and_score(cfg)
             scores.append(run["mase"])
             times.append(run["train_seconds"])
             runs.append({"variant": variant, **run})
@@ -122,7 +165,7 @@ def suite(args: argparse.Namespace) -> None:
             raw = {section: dict(values) for section, values in given.items()}
             for assignment in [*args.overrides, f"train.seed={seed}"]:
                 apply_override(raw, assignment)
-            run, baselines = train_and_score(build_config(raw))
+            run, baselines, _ = train_and_score(build_config(raw))
             best = min(baselines, key=lambda k: baselines[k]["mase"])
             run = {"set": name, "config": path, **run, "baselines": baselines, "best_baseline": best}
             runs.append(run)
@@ -193,7 +236,9 @@ def darts_comparison(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="darts-") as tmp:
         for seed in args.seeds:
             cfg = load_config(args.config, [*args.overrides, f"train.seed={seed}"])
-            ours, baselines = train_and_score(cfg)
+            ours, baselines, bt = train_and_score(cfg)
+            if seed == args.seeds[0]:
+                print(f"wrote {forecast_week_chart(bt, FORECAST_CHART)}")
             epochs = ours["epochs"]
             runs.append({"model": "this project", **ours, "seconds_per_epoch": ours["train_seconds"] / max(1, epochs)})
             print(f"this project seed {seed}: MASE {ours['mase']:.4f} ({ours['train_seconds']:.0f}s)", flush=True)
