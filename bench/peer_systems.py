@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -313,6 +314,27 @@ class System:
     procs: list[Proc] = field(default_factory=list)
     note: str = ""
     unavailable: str = ""  # why it could not run here (then protocol is None)
+    # Starts the server again after it died (peers only: a crash of this project's server is
+    # reported, never papered over); each death is noted in `crashes` for the table.
+    restart: Callable[[], tuple[Proc, str]] | None = None
+    crashes: list[str] = field(default_factory=list)
+
+    def ensure_running(self) -> bool:
+        """True if every process is alive, after restarting a dead peer if it can be restarted."""
+        dead = [p for p in self.procs if p.proc.poll() is not None]
+        if not dead:
+            return True
+        signal_line = re.findall(r"^.*(?:Signal \(\d+\)|Error|error).*$", dead[0].log.read_text(errors="replace"), re.M)
+        self.crashes.append(f"{dead[0].name} exited with {dead[0].proc.returncode}"
+                            + (f" ({signal_line[0].strip()[:120]})" if signal_line else ""))  # fmt: skip
+        if self.restart is None:
+            return False
+        for p in self.procs:
+            p.stop()
+        dead[0].log.rename(dead[0].log.with_suffix(f".crash{len(self.crashes)}.log"))  # kept for the reader
+        proc, self.target = self.restart()
+        self.procs = [proc]
+        return True
 
     def cpu_seconds(self) -> float:
         return sum(p.cpu_seconds() for p in self.procs)
@@ -393,8 +415,7 @@ def start_mlserver(python: Path, forecasting_dir: Path, work: Path, log_dir: Pat
 
     The copy's loader module is bench/mlserver_adapter.py (the same forecast, its datetime and
     string columns as strings), because MLServer's pandas codec cannot encode them."""
-    home = work / "mlserver"
-    home.mkdir()
+    home = Path(tempfile.mkdtemp(prefix="mlserver-", dir=work))  # a fresh one for each (re)start
     adapted = home / "pyfunc"
     shutil.copytree(forecasting_dir, adapted)
     shutil.copy(Path(__file__).with_name("mlserver_adapter.py"), adapted / "code" / "mlserver_adapter.py")
@@ -458,6 +479,7 @@ def start_triton(python: Path, step_graph: Path, horizon: int, q: int, work: Pat
         raise Unavailable(
             f"the nvidia-pytriton wheel has no tritonserver or no python {sys.version_info[:2]} stub ({bundled})"
         )
+    work = Path(tempfile.mkdtemp(prefix="triton-", dir=work))  # a fresh one for each (re)start
     backends = work / "triton-backends" / "python"
     backends.mkdir(parents=True)
     for f in (bundled / "backends" / "python").iterdir():
@@ -484,7 +506,9 @@ def start_triton(python: Path, step_graph: Path, horizon: int, q: int, work: Pat
         "tritonserver",
         [str(binary), "--model-repository", str(work / "triton-models"), "--backend-directory", str(backends.parent),
          "--grpc-address", "127.0.0.1", "--grpc-port", str(port), "--allow-http", "false", "--allow-metrics", "false",
-         "--exit-timeout-secs", "5", "--log-verbose", "0"],
+         "--exit-timeout-secs", "5", "--log-verbose", "0",
+         # the stub's shared memory made big enough up front (default 1 MiB, grown while serving)
+         "--backend-config", "python,shm-default-byte-size=67108864"],
         log_dir, env=env,
     )  # fmt: skip
     target = f"127.0.0.1:{port}"

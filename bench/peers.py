@@ -51,6 +51,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -179,10 +180,18 @@ def median_round(rounds: list[dict]) -> dict:
     return {**ordered[len(ordered) // 2], "round_obs_per_s": [r["obs_per_s"] for r in rounds]}
 
 
-def build_rows(cells: dict[str, dict[int, dict]], unavailable: dict[str, str], checks: dict[str, dict]) -> list[dict]:
-    """The table: one row per (system, K) measured, one per system that could not run."""
+def build_rows(
+    cells: dict[str, dict[int, dict]],
+    unavailable: dict[str, str],
+    checks: dict[str, dict],
+    crashes: dict[str, list[str]] | None = None,
+) -> list[dict]:
+    """The table: one row per (system, K) measured, one per system that could not run; a system
+    that crashed during the run (and was started again) says so on each of its rows."""
     rows = []
     for name, by_k in cells.items():
+        died = (crashes or {}).get(name)
+        crashed = f"crashed {len(died)}x during the run, restarted: {died[0]}; " if died else ""
         check = checks.get(name)
         same = (
             ""
@@ -192,11 +201,14 @@ def build_rows(cells: dict[str, dict[int, dict]], unavailable: dict[str, str], c
         for k in sorted(by_k):
             c = by_k[k]
             if "error" in c:
-                rows.append({"system": name, "K": k, "note": f"failed: {c['error']}"})
+                rows.append({"system": name, "K": k, "note": f"{crashed}failed: {c['error']}"})
                 continue
+            note = crashed + NOTES.get(name, "")
+            if c.get("failed_rounds"):
+                note = f"{len(c['failed_rounds'])} round(s) failed, median of the others ({c['failed_rounds'][0][:200]}); {note}"
             rows.append({"system": name, "K": k, "obs/s": c["obs_per_s"], "p50 ms": c["p50_ms"], "p99 ms": c["p99_ms"],
                          "CPU s/1k obs": c["cpu_s_per_1k_obs"], "RSS MiB": c["rss_mib"], "same forecasts": same,
-                         "note": NOTES.get(name, "")})  # fmt: skip
+                         "note": note})  # fmt: skip
     for name, why in unavailable.items():
         rows.append({"system": name, "note": f"could not run here: {why}"})
     return rows
@@ -259,11 +271,22 @@ class Client:
             return await self.call.read()
         if self.protocol.transport == "unary":
             return await self.unary(message)
-        async with self.http.post(self.url, data=message, headers={"Content-Type": "application/json"}) as r:
-            body = await r.read()
-            if r.status != 200:
-                raise RuntimeError(f"HTTP {r.status}: {body[:300]!r}")
-            return body
+        import aiohttp
+
+        for attempt in (1, 2):
+            try:
+                async with self.http.post(self.url, data=message, headers={"Content-Type": "application/json"}) as r:
+                    body = await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"HTTP {r.status}: {body[:300]!r}")
+                    return body
+            except (aiohttp.ClientConnectionResetError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # A pooled keep-alive connection the server closed while this client waited (uvicorn
+                # closes idle ones after 5 s; at K=512 a client waits longer than that for its turn):
+                # sent again once on a new connection, as HTTP clients do for idempotent requests.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def close(self, end_message: bytes | None) -> None:
         if self.call is not None:
@@ -438,7 +461,7 @@ def start_all(
             print(f"  {name} could not start: {exc}", file=sys.stderr)
             unavailable[name] = str(exc)[:400]
             continue
-        systems.append(ps.System(name, protocol, target, [proc]))
+        systems.append(ps.System(name, protocol, target, [proc], restart=lambda start=start: start()[0]))
     return systems, unavailable
 
 
@@ -471,37 +494,43 @@ def failure(system: ps.System, exc: Exception) -> str:
 
 
 def measure(systems: list[ps.System], echo: ps.System | None, args, scale: float) -> tuple[dict, dict]:
-    """cells[system][K] (median round) and the K=64 latencies of that round, per system."""
+    """cells[system][K] (median round of those that ran) and the K=64 latencies of that round, per
+    system. A round that fails is noted in its cell, and a peer that died is started again for the
+    next round (its crashes are noted on the system)."""
     cells: dict[str, dict[int, dict]] = {s.name: {} for s in systems}
     cdf: dict[str, list[float]] = {}
     sid = 1
     for k in args.ks:
         rounds: dict[str, list] = {}
+        failed: dict[str, list[str]] = {}
         for r in range(args.rounds):
             for s in systems + ([echo] if echo is not None and k == 64 else []):
-                if "error" in cells.get(s.name, {}).get(k, {}):
-                    continue
-                if dead := [proc for proc in s.procs if proc.proc.poll() is not None]:
-                    cells.setdefault(s.name, {})[k] = {
-                        "error": f"{dead[0].name} had exited ({dead[0].proc.returncode})"
-                    }
+                try:
+                    running = s.ensure_running()
+                except ps.Unavailable as exc:
+                    running, s.restart = False, None
+                    s.crashes.append(f"could not restart: {str(exc)[:200]}")
+                if not running:
+                    failed.setdefault(s.name, []).append(f"not running: {s.crashes[-1]}")
                     continue
                 try:
                     summary, lat = asyncio.run(run_cell(s, k, args.seconds, int(args.max_obs * scale), sid))
                 except Exception as exc:  # a peer that fails under load: its row says so, the others go on
                     traceback.print_exc()
-                    cells.setdefault(s.name, {})[k] = {"error": failure(s, exc)}
+                    failed.setdefault(s.name, []).append(failure(s, exc))
                     continue
                 finally:
                     sid += k + 1
                 rounds.setdefault(s.name, []).append((summary, lat))
                 print(f"  K={k:<4} round {r + 1}: {s.name}: {summary['obs_per_s']:,.0f} obs/s, p50 "
                       f"{summary['p50_ms']:.2f} ms, {summary['cpu_s_per_1k_obs']:.3f} CPU s/1k obs", flush=True)  # fmt: skip
-        for name, rs in rounds.items():
-            if "error" in cells.get(name, {}).get(k, {}):
+        for name in {*rounds, *failed}:
+            if name not in rounds:
+                cells.setdefault(name, {})[k] = {"error": failed[name][0], "failed_rounds": failed[name]}
                 continue
+            rs = rounds[name]
             best = median_round([s for s, _ in rs])
-            cells.setdefault(name, {})[k] = best
+            cells.setdefault(name, {})[k] = {**best, "failed_rounds": failed.get(name, [])}
             if k == 64:
                 cdf[name] = next(lat for s, lat in rs if s["obs_per_s"] == best["obs_per_s"])
     return cells, cdf
@@ -526,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-charts", action="store_true")
     args = p.parse_args(argv)
+    # SIGTERM (a timeout, Ctrl-C's cousin) unwinds like an exception, so the finally below stops
+    # every server this run started: they run in sessions of their own and would outlive it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scale = 1.0
     if args.quick:
         args.rounds, args.seconds, scale = 1, 2.0, 0.25
@@ -568,14 +600,15 @@ def main(argv: list[str] | None = None) -> int:
                 for proc in s.procs:
                     proc.stop()
     unavailable_rows = unavailable
-    rows = build_rows(cells, unavailable_rows, checks)
+    crashes = {s.name: s.crashes for s in systems if s.crashes}
+    rows = build_rows(cells, unavailable_rows, checks, crashes)
     goals = targets(cells, floors)
     results = {
         "setup": {"onnxruntime": ort.__version__, "grpcio": grpc.__version__, "window": WINDOW, "ks": args.ks,
                   "rounds": args.rounds, "seconds_per_cell": args.seconds, "model_dir": str(model_dir),
                   "quick": args.quick, "minutes": (time.time() - started) / 60},
         "rows": rows, "cells": cells, "agreement": checks, "floors": floors, "targets": goals,
-        "unavailable": unavailable_rows, "notes": NOTES,
+        "unavailable": unavailable_rows, "crashes": crashes, "notes": NOTES,
     }  # fmt: skip
     print_report(results)
     print(f"\nwrote {write_results('peers', results)}")
