@@ -31,13 +31,20 @@ def test_agreement_is_relative_for_large_values_absolute_near_zero_and_fails_on_
     assert not checks["nan"]["agrees"]
 
 
-def test_rows_say_which_systems_did_not_run_and_why():
-    cells = {peers.THIS: {1: _cell(500, 1.5, 1.2), 64: {"error": "UNAVAILABLE: the server exited"}}}
-    checks = {peers.THIS: {"max_error": 4e-7, "agrees": True}}
-    rows = peers.build_rows(cells, {peers.MLFLOW: "no uvicorn on PATH"}, checks)
+def test_rows_say_which_systems_did_not_run_crashed_or_failed_rounds_and_why():
+    cells = {
+        peers.THIS: {1: _cell(500, 1.5, 1.2), 64: {"error": "UNAVAILABLE: the server exited"}},
+        peers.TRITON: {64: {**_cell(900, 60.0, 0.5), "failed_rounds": ["AioRpcError: Stream removed"]}},
+    }
+    checks = {peers.THIS: {"max_error": 4e-7, "agrees": True}, peers.TRITON: {"max_error": 2e-3, "agrees": False}}
+    crashes = {peers.TRITON: ["tritonserver exited with -11 (Signal (11) received.)"]}
+    rows = peers.build_rows(cells, {peers.MLFLOW: "no uvicorn on PATH"}, checks, crashes)
     assert rows[0]["K"] == 1 and rows[0]["same forecasts"].startswith("yes")
     assert rows[1]["K"] == 64 and rows[1]["note"] == "failed: UNAVAILABLE: the server exited"
-    assert rows[2] == {"system": peers.MLFLOW, "note": "could not run here: no uvicorn on PATH"}
+    assert rows[2]["same forecasts"].startswith("NO")
+    assert "crashed 1x during the run, restarted: tritonserver exited with -11" in rows[2]["note"]
+    assert "1 round(s) failed" in rows[2]["note"]
+    assert rows[3] == {"system": peers.MLFLOW, "note": "could not run here: no uvicorn on PATH"}
 
 
 def test_targets_are_ratios_at_64_series_and_unmeasurable_when_a_peer_is_missing():
