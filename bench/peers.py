@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.peers_charts import latency_cdf, throughput_chart
 
         print(f"wrote {throughput_chart(cells, IMG / 'peers-throughput.png')}")
-        print(f"wrote {latency_cdf(cdf, IMG / 'peers-latency-cdf.png')}")
+        print(f"wrote {latency_cdf({n: cdf[n] for n in cells if n in cdf}, IMG / 'peers-latency-cdf.png')}")
     return 0
 
 
