@@ -16,7 +16,7 @@ IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help install protos run train serve client test test-packaging lint bench soak docker clean
+.PHONY: help install protos run train serve client test test-packaging lint bench bench-peers soak docker clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ lint: $(STAMP) ## ruff, and hadolint on the Dockerfile
 bench: install ## run the benchmarks in bench/ and print their tables (JSON in bench/results/)
 	$(PY) -m bench
 
+bench-peers: install ## this server beside MLflow's scoring server, MLServer and Triton, same model and load (own venv in bench/.venv-peers; ~20 min)
+	$(PY) -m bench.peers
+
 soak: install ## 200 streams for 5 minutes against the server on loopback: errors, RSS growth, latency (fails on either)
 	$(PY) -m bench.soak
 
@@ -67,6 +70,6 @@ docker: ## build the serving (ONNX Runtime + CUDA, no torch) and training images
 	docker build --target training -t $(IMAGE_PREFIX)streamcast-training:$(IMAGE_TAG) .
 
 clean: ## remove the venv, generated stubs, local MLflow store and caches
-	rm -rf $(VENV) serving/_proto .pytest_cache .ruff_cache mlruns mlartifacts artifacts bench/results
+	rm -rf $(VENV) serving/_proto .pytest_cache .ruff_cache mlruns mlartifacts artifacts bench/results bench/.venv-peers
 	rm -f mlflow.db
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

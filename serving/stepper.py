@@ -170,7 +170,7 @@ class StepProcessor:
             forecast, states = self._run(rows, epochs, values, ts, cov, want)
         else:  # ORT releases the GIL: the loop parses and queues the next requests meanwhile
             # (A wait, GIL released, until the thread had entered ORT was measured and dropped:
-            # bench/stream.py (a) within noise, see docs/benchmarks.md, 2026-12-02.)
+            # bench/stream.py (a) within noise, see docs/experiments.md, 2026-12-02.)
             loop = asyncio.get_running_loop()
             forecast, states = await loop.run_in_executor(
                 self._executor, self._run, rows, epochs, values, ts, cov, want

@@ -38,7 +38,7 @@ is the mean of the members' z-space quantiles, which still never cross. The expo
 a plain LSTM/GRU of ``hidden_size`` units (the state holds every member's units), so the ONNX
 contract and the server do not change. Averaging independently trained networks removes much of
 the seed-to-seed variance of one network, which on one year of data is larger than the effect of
-most design choices (docs/benchmarks.md).
+most design choices (docs/experiments.md).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ data: the stretch most like what the model will forecast next. So once early sto
 chosen the epoch, the network is fine-tuned for ``finetune_passes`` passes over the windows whose
 targets reach into that held-out stretch, at the low constant rate ``finetune_lr`` (the usual
 "refit on all data", done as a short second phase because the epoch count cannot be validated
-again). On elecdemand every one of 15 networks scored better with it (docs/benchmarks.md).
+again). On elecdemand every one of 15 networks scored better with it (docs/experiments.md).
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ def test_shipped_configs_are_valid(path):
 
 
 def test_the_ensemble_config_is_the_default_with_five_members():
-    """What README and docs/benchmarks.md say of configs/elecdemand-ensemble.yaml."""
+    """What README and docs/experiments.md say of configs/elecdemand-ensemble.yaml."""
     configs = Path(__file__).parents[2] / "configs"
     ensemble = load_config(configs / "elecdemand-ensemble.yaml")
     assert ensemble.model.members == 5 and ensemble.model.member_size == 64
