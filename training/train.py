@@ -456,7 +456,9 @@ def train_model(
 
     Training stops when validation has not improved for ``patience`` epochs, when the next epoch
     (and the fine-tuning after it) would not fit before ``deadline`` (``time.monotonic()`` seconds;
-    default ``max_minutes`` from now), or after ``max_epochs``; ``stop_reason`` says which. The
+    default ``max_minutes`` from now) or an epoch is still running at the deadline (it stops at that
+    step: an epoch can be longer than the whole budget on long data or a busy machine), or after
+    ``max_epochs``; ``stop_reason`` says which. The
     learning-rate schedule (warm-up, cosine decay) is planned over the epochs that fit: after each
     epoch the plan is re-estimated from the epochs' measured time, so a budget that cuts training
     short still ends it at a low rate.
@@ -518,8 +520,9 @@ def train_model(
             epoch_started = time.monotonic()
             metrics = _train_pass(
                 model, train_w, rng, opt, sched, cfg, quantiles, bar, f"epoch {epoch}", steps=steps_per_epoch,
-                warm=warm, workers=workers, forecasts=forecasts,
+                warm=warm, workers=workers, forecasts=forecasts, deadline=deadline,
             )  # fmt: skip
+            cut_short = metrics.pop("cut_short") > 0  # an epoch longer than what was left of the budget
             pass_seconds = workers.largest(time.monotonic() - epoch_started)
             if warm is not None:  # this epoch's weights: for its validation and the next epoch's windows
                 warm = _warm_states(model, train_w, every_start)
@@ -546,7 +549,7 @@ def train_model(
             fits = int((left - finetune_seconds) // epoch_seconds)
             plan["epochs"] = min(cfg.max_epochs, epoch + max(0, fits))
             bar.total = plan["epochs"] * steps_per_epoch + finetune_steps
-            if fits < 1 and epoch < cfg.max_epochs:
+            if (fits < 1 or cut_short) and epoch < cfg.max_epochs:
                 result.stop_reason = STOP_BUDGET
                 log.info(
                     "stop at epoch %d: the time budget (train.max_minutes %g) has no room for another epoch",
@@ -564,7 +567,7 @@ def train_model(
                 model, recent_w, rng, opt, None, cfg, quantiles, bar, f"fine-tuning pass {p}", warm=warm,
                 workers=workers, forecasts=forecasts,
             )  # fmt: skip
-            metrics = {f"finetune_{k}": v for k, v in metrics.items()}
+            metrics = {f"finetune_{k}": v for k, v in metrics.items() if k != "cut_short"}
             result.finetune.append(metrics)
             bar.set_postfix(finetune=p, loss=f"{metrics['finetune_loss']:.4f}")
             log.info("fine-tuning pass %d %s", p, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
@@ -611,10 +614,12 @@ def _train_pass(
     warm: _WarmStates | None = None,
     workers: Workers = Workers(),  # noqa: B008  (frozen: one process, CPU)
     forecasts: nn.Module | None = None,
+    deadline: float | None = None,
 ) -> dict[str, float]:
     """One pass over ``win`` in random order (repeated, each time reshuffled, until it makes at least
     ``steps`` optimizer steps): -> mean loss, pre-clip gradient norms (mean and max), the share of
-    clipped steps and the learning rate at the end.
+    clipped steps and the learning rate at the end; ``cut_short`` 1.0 when the pass stopped at
+    ``deadline`` (``time.monotonic()`` seconds; on every rank at the same step) before its end.
 
     Data-parallel (``workers``): every rank draws the same order and takes its share of each global
     batch; its loss is its pinball sum over the global count of points times the world size, so the
@@ -625,7 +630,7 @@ def _train_pass(
     forecasts = forecasts or _Forecasts(model)
     passes = max(1, math.ceil(steps * cfg.batch_size / len(win.starts))) if steps else 1
     order = np.concatenate([rng.permutation(len(win.starts)) for _ in range(passes)])
-    losses, norms, clipped = [], [], 0
+    losses, norms, clipped, cut_short = [], [], 0, 0.0
     params = [p for group in opt.param_groups for p in group["params"]]
     for step, first in enumerate(range(0, len(order), cfg.batch_size), start=1):
         rows = order[first : first + cfg.batch_size]
@@ -651,7 +656,11 @@ def _train_pass(
         clipped += was_clipped
         bar.update()
         bar.set_postfix(step=where, loss=f"{mean_loss:.4f}", refresh=False)
+        if deadline is not None and workers.largest(time.monotonic() - deadline) > 0:
+            cut_short = 1.0
+            break
     return {
+        "cut_short": cut_short,
         "loss": float(np.mean(losses)),
         "grad_norm_mean": float(np.mean(norms)),
         "grad_norm_max": float(np.max(norms)),

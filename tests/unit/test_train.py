@@ -3,6 +3,7 @@ fine-tuning on the most recent windows."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,6 +112,17 @@ def test_fine_tuning_moves_the_chosen_weights_and_leaves_the_epochs_alone():
     assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), tuned.parameters()))
     with pytest.raises(ValueError, match="finetune_passes"):
         TrainConfig(finetune_passes=-1)
+
+
+def test_an_epoch_longer_than_the_budget_stops_at_the_deadline():
+    series = [synthetic_series(n=48 * 12)]
+    model = small_model(series)
+    cfg = replace(SMALL, min_epoch_steps=10_000, max_epochs=3, finetune_passes=1)  # one epoch: minutes
+    started = time.monotonic()
+    result = train_model(model, series, cfg, progress=False, deadline=time.monotonic() + 1.0)
+    assert time.monotonic() - started < 60
+    assert len(result.history) == 1 and result.stop_reason == "budget"
+    assert "cut_short" not in result.history[0] and len(result.finetune) == 1
 
 
 def test_training_is_reproducible_with_a_seed():
