@@ -30,7 +30,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -218,20 +218,12 @@ class LiveScorer:
 
     # -- admission (served scorers) -------------------------------------------------------------
 
-    def observe(
-        self,
-        rows: np.ndarray,
-        epochs: np.ndarray,
-        series_ids: Sequence[object],
-        values: np.ndarray,
-        timestamps_ms: np.ndarray,
-        forecast: np.ndarray,
-        covariates: np.ndarray,
-    ) -> None:
-        """One ORT step's rows (stepped, in their arena, with their epochs then): score and keep."""
+    def observe(self, *step: Any) -> None:
+        """One ORT step's rows (stepped, in their arena, with their epochs then): score and keep,
+        counting the thread CPU it takes. `step`: _observe's arguments."""
         started = time.thread_time()
         try:
-            self._observe(rows, epochs, series_ids, values, timestamps_ms, forecast, covariates)
+            self._observe(*step)
         finally:
             self.cpu_seconds += time.thread_time() - started
 
