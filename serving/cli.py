@@ -160,7 +160,22 @@ def parser() -> argparse.ArgumentParser:
         "--monitor-max-series",
         type=int,
         default=d_mon.max_series,
-        help="cap on monitored series per model version (~28 KiB each with horizon 48, 3 quantiles)",
+        help="cap on monitored series per model version (28 KiB each with horizon 48, 3 quantiles, every origin; "
+        "4 KiB at origin stride 8)",
+    )
+    a(
+        "--monitor-origin-stride",
+        type=int,
+        default=d_mon.origin_stride,
+        metavar="K",
+        help="score the forecasts of every K-th origin only: 1/K of the memory and scoring CPU (1: every forecast; "
+        "default: the smallest K that fits --monitor-memory-mib, 8 for the default model)",
+    )
+    a(
+        "--monitor-memory-mib",
+        type=int,
+        default=d_mon.memory_mib,
+        help="memory for one version's live scores at --monitor-max-series series; sets the default origin stride",
     )
     a(
         "--monitor-window",
@@ -211,6 +226,8 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> ServerConf
             fraction=args.monitor_fraction,
             max_series=args.monitor_max_series,
             window_observations=args.monitor_window,
+            origin_stride=args.monitor_origin_stride,
+            memory_mib=args.monitor_memory_mib,
             shadow_alias=args.shadow_alias,
         ),
         security=SecurityConfig(

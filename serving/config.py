@@ -147,11 +147,15 @@ class MonitorConfig:
     """Live accuracy (serving.live): which series are scored, the recent window, the shadow."""
 
     fraction: float = 1.0  # share of series ids monitored (a deterministic hash of the id)
-    # Monitored series at most per model version. Each costs 28,864 bytes with the default model
-    # (horizon 48, 3 quantiles: its last 48 forecasts, see docs/serving.md), so 12,000 keep the
-    # scorer under 331 MiB and the whole server, with 100,000 live series, under 1 GiB (20,000
-    # measured 1,013 MiB, peak 1,149: docs/benchmarks.md, "Live accuracy").
-    max_series: int = 12_000
+    max_series: int = 100_000  # monitored series at most per model version
+    # Score the forecasts of every K-th origin only (those whose step, timestamp // freq_ms, is a
+    # multiple of K): 1/K of the memory per series and of the pairs to score. None: the smallest K
+    # whose scorer, with max_series series, fits memory_mib (serving.live.origin_stride_for).
+    # Default model: 28,864 bytes per series at K = 1, 4,336 at K = 8, which the defaults choose
+    # (413 MiB; the whole server with 100,000 live series measured 875 MiB: docs/benchmarks.md).
+    origin_stride: int | None = None
+    # 448: with the state of 100,000 live series (~460 MiB) the server stays under 1 GiB.
+    memory_mib: int = 448  # per version's scorer, for choosing origin_stride
     window_observations: int = 100_000  # observations the "recent" figures span, per version
     shadow_alias: str | None = None  # registry alias stepped beside the served version, never answered
 
@@ -159,6 +163,11 @@ class MonitorConfig:
         _require(0.0 <= self.fraction <= 1.0, f"monitor fraction must be in [0, 1], got {self.fraction}")
         _require(self.max_series >= 0, "monitor max_series must be >= 0 (0 disables live accuracy)")
         _require(self.window_observations >= 8, "monitor window_observations must be >= 8")
+        _require(
+            self.origin_stride is None or self.origin_stride >= 1,
+            f"monitor origin_stride must be >= 1, got {self.origin_stride}",
+        )
+        _require(self.memory_mib >= 1, "monitor memory_mib must be >= 1")
         _require(self.shadow_alias is None or bool(self.shadow_alias), "shadow_alias must not be empty")
 
     @property

@@ -4,7 +4,11 @@ Every observation of a monitored series is the actual that the series' earlier f
 at. `LiveScorer` (one per model version, and one for a shadow version) keeps, per monitored
 series, the forecasts of its last `horizon` origins (float32 [H origins, H steps, Q], a ring
 indexed by origin) and their timestamps; when the observation at time t arrives it scores every
-kept forecast that targeted t (lead k = (t - origin) / freq_ms, 1 <= k <= H):
+kept forecast that targeted t (lead k = (t - origin) / freq_ms, 1 <= k <= H). With an origin
+stride K > 1 (`--monitor-origin-stride`) it keeps only the forecasts of origins whose step
+(timestamp // freq_ms) is a multiple of K, ceil(H / K) of them per series: a sample of the pairs,
+the same origins for every version, at 1/K of the memory and of the pairs to score.
+Scoring covers:
 
 - point error |y - point| (point: the metadata's point_quantile path),
 - pinball loss per quantile (summed over quantiles; reported as the mean over pairs and quantiles),
@@ -63,13 +67,32 @@ def horizon_buckets(horizon: int) -> list[tuple[int, int]]:
     return buckets
 
 
-def bytes_per_series(horizon: int, quantiles: int, season: int) -> int:
-    """What one monitored series costs its scorer: the forecast ring (float32 [H, H, Q]), the
-    origins' timestamps (int64 [H]), the last season of (value, timestamp) (float64 [S, 2]), and
-    per slot 3 int64 + 2 float64 + shadow_since + its row and epoch. (Default model, H = 48,
-    Q = 3, S = 48: 28,864 bytes.) Every live series, monitored or not, adds 16 bytes (its row's
-    slot and epoch); a shadow doubles the scorer's share and adds its own state row."""
-    return horizon * horizon * quantiles * 4 + horizon * 8 + season * 16 + 3 * 8 + 2 * 8 + 8 + 16
+def kept_origins(horizon: int, origin_stride: int) -> int:
+    """R: the origins a monitored series keeps forecasts of, ceil(H / stride) (every origin whose
+    forecasts can still be scored: any H consecutive steps hold at most that many multiples of
+    the stride)."""
+    return -(-horizon // origin_stride)
+
+
+def bytes_per_series(horizon: int, quantiles: int, season: int, origin_stride: int = 1) -> int:
+    """What one monitored series costs its scorer: the forecast ring (float32 [R, H, Q], R =
+    kept_origins), the origins' timestamps (int64 [R]), the last season of (value, timestamp)
+    (float64 [S, 2]), and per slot 3 int64 + 2 float64 + shadow_since + its row and epoch.
+    (Default model, H = 48, Q = 3, S = 48: 28,864 bytes scoring every origin, 4,336 with origin
+    stride 8.) Every live series, monitored or not, adds 16 bytes (its row's slot and epoch); a
+    shadow doubles the scorer's share and adds its own state row."""
+    r = kept_origins(horizon, origin_stride)
+    return r * horizon * quantiles * 4 + r * 8 + season * 16 + 3 * 8 + 2 * 8 + 8 + 16
+
+
+def origin_stride_for(horizon: int, quantiles: int, season: int, max_series: int, budget_bytes: int) -> int:
+    """The smallest origin stride whose scorer fits the budget with every slot in use (H, one
+    kept origin, when none does). Default model, 100,000 series, 448 MiB: 8 (413 MiB); a model
+    of horizon 6: 1, every forecast scored."""
+    for stride in range(1, horizon + 1):
+        if bytes_per_series(horizon, quantiles, season, stride) * max_series <= budget_bytes:
+            return stride
+    return horizon
 
 
 def selected(series_id: object, fraction: float) -> bool:
@@ -160,9 +183,14 @@ class LiveScorer:
         window_observations: int,
         fraction: float = 1.0,
         arena: StateArena | None = None,
+        origin_stride: int = 1,
     ) -> None:
         self.version, self.role, self.spec = version, role, spec
         self.horizon, self.q = spec.horizon, len(spec.quantiles)
+        # Forecasts kept and scored: those of origins whose step (timestamp // freq_ms) is a
+        # multiple of the stride, the same origins in every scorer (1: every origin).
+        self.origin_stride = origin_stride
+        self.kept = kept_origins(self.horizon, origin_stride)
         self.buckets = horizon_buckets(self.horizon)
         self.fraction, self.max_series, self.arena = fraction, max_series, arena
         self.season = spec.season or 0  # 0: no seasonal-naive scale, no MASE
@@ -170,15 +198,15 @@ class LiveScorer:
         self.cpu_seconds = 0.0  # thread CPU time spent scoring (what live accuracy costs)
         h, q, s, m = self.horizon, self.q, max(self.season, 1), max_series
         # Preallocated at the cap: np.zeros pages are only resident once a slot has used them.
-        # Forecasts of the last H origins, [slot, origin, lead - 1, quantile]: a batch's forecasts
-        # are written as whole [H, Q] blocks; a pair's Q values are read as one 12-byte row.
-        self._ring = np.zeros((m, h, h, q), np.float32)
+        # Forecasts of the last R kept origins, [slot, origin, lead - 1, quantile]: a batch's
+        # forecasts are written as whole [H, Q] blocks; a pair's Q values are read as one 12-byte row.
+        self._ring = np.zeros((m, self.kept, h, q), np.float32)
         self._k1 = np.arange(1, h + 1)  # leads
         # _pattern[r]: for a series whose newest forecast goes to ring position r, the rows (in
         # its slot's [H origins x H leads] block) of the kept forecasts for leads 1..H, when its
         # origins are one step apart: lead k's is the origin k steps back, at (r - k) mod H.
         self._pattern = ((np.arange(h)[:, None] - self._k1) % h) * h + (self._k1 - 1)  # [H, H]
-        self._origin_ts = np.full((m, h), _NEVER, np.int64)
+        self._origin_ts = np.full((m, self.kept), _NEVER, np.int64)
         # Per slot: steps stored since it started, the newest origin's timestamp, and how many of
         # the newest origins are one step apart (up to H). One array: one gather, one scatter.
         self._slot_ints = np.zeros((m, 3), np.int64)
@@ -189,6 +217,7 @@ class LiveScorer:
         self._lag[:, :, 1] = np.nan
         self._scale = np.zeros((m, 2))
         self._q = np.asarray(spec.quantiles, np.float64)
+        self._q_list = [float(q) for q in spec.quantiles]
         self._p = spec.point_index
         self._season_ms = self.season * spec.freq_ms
         self.acc = Accumulator(h, window_observations)
@@ -211,8 +240,8 @@ class LiveScorer:
     def retire(self) -> None:
         """The version was unloaded: drop the per-series arrays, keep the figures."""
         if self._ring.size:
-            self._ring = np.zeros((0, self.horizon, self.horizon, self.q), np.float32)
-            self._origin_ts = np.zeros((0, self.horizon), np.int64)
+            self._ring = np.zeros((0, self.kept, self.horizon, self.q), np.float32)
+            self._origin_ts = np.zeros((0, self.kept), np.int64)
             self._lag = np.zeros((0, 1, 2))
             self._free = list(range(self.max_series))
 
@@ -315,7 +344,8 @@ class LiveScorer:
         scale: np.ndarray | None = None,
     ) -> np.ndarray:
         """Score the observations (values [B] at timestamps_ms [B], slots distinct) against the
-        slots' kept forecasts, then keep forecast [B, H, Q] as their newest origin. Returns the
+        slots' kept forecasts, then keep forecast [B, H, Q] as their newest origin (with an origin
+        stride, only the rows whose step is a multiple of it). Returns the
         MASE scale used per row [B] (NaN: none yet); a shadow passes the served scorer's."""
         h, freq, ts = self.horizon, self.spec.freq_ms, timestamps_ms
         y = values.astype(np.float64)
@@ -324,12 +354,41 @@ class LiveScorer:
         if scale is None:
             scale = self._update_scale(slots, y, ts)
         step = ts - ints[:, LAST_TS] == freq  # one step after the last
+        if self.origin_stride > 1:  # a few kept origins per series: pairs by timestamp
+            self.acc.observed(len(slots))
+            self._score_by_time(slots, y, ts, scale)
+            grid = ts // freq
+            keep = np.flatnonzero(grid % self.origin_stride == 0)
+            into, r, kept_ts = slots[keep], grid[keep] // self.origin_stride % self.kept, ts[keep]
+            forecast = forecast[keep]
+        else:
+            self._score_chained(slots, y, ts, scale, step, n, chain)
+            into, r, kept_ts = slots, n % h, ts  # the ring position the newest forecast goes to
+        self._ring[into, r] = forecast
+        self._origin_ts[into, r] = kept_ts
+        ints[:, CHAIN] = np.where(step, np.minimum(chain + 1, h), 1)
+        ints[:, STEPS] += 1
+        ints[:, LAST_TS] = ts
+        self._slot_ints[slots] = ints
+        return scale
+
+    def _score_chained(
+        self,
+        slots: np.ndarray,
+        y: np.ndarray,
+        ts: np.ndarray,
+        scale: np.ndarray,
+        step: np.ndarray,
+        n: np.ndarray,
+        chain: np.ndarray,
+    ) -> None:
+        """score() keeping every origin: pairs by ring position where the origins are one step apart."""
+        h, freq = self.horizon, self.spec.freq_ms
         # The usual case: one step after the last, and every kept origin one step after the one
         # before: lead k's forecast is then the origin stored k steps ago, for k <= chain.
         leads = np.where(step & (chain >= np.minimum(n, h)), chain, 0)  # [B] leads scorable so
-        r = n % h  # the ring position the newest forecast goes to
         if leads.any():
-            base = self._pattern[r] + (slots * (h * h))[:, None]  # [B, H] the pairs' rows in the ring
+            base = self._pattern[n % h] + (slots * (h * h))[:, None]  # [B, H] the pairs' rows in the ring
             f = self._ring.reshape(-1, self.q).take(base, axis=0)  # [B, H, Q]
             valid = None if leads.min() == h else self._k1 <= leads[:, None]  # [B, H] (None: all)
             self.acc.add(self._dense_sums(f, y, scale, valid), len(slots))
@@ -342,13 +401,6 @@ class LiveScorer:
             odd = np.flatnonzero((leads == 0) & (n > 0))
             if odd.size:
                 self._score_by_time(slots[odd], y[odd], ts[odd], scale[odd])
-        self._ring[slots, r] = forecast
-        self._origin_ts[slots, r] = ts
-        ints[:, CHAIN] = np.where(step, np.minimum(chain + 1, h), 1)
-        ints[:, STEPS] += 1
-        ints[:, LAST_TS] = ts
-        self._slot_ints[slots] = ints
-        return scale
 
     def _score_one(self, slot: int, values: np.ndarray, timestamps_ms: np.ndarray, forecast: np.ndarray) -> None:
         """score() for one row in Python scalars where numpy would only add call overhead (what
@@ -366,6 +418,10 @@ class LiveScorer:
                 self._scale[slot] = (total, count)
             self._lag[slot, k] = (y, ts)
             scale = total / count if count else scale
+        if self.origin_stride > 1:
+            self._score_one_sampled(slot, y, ts, scale, forecast[0])
+            self._slot_ints[slot] = (n + 1, ts, min(chain + 1, h) if ts - last == freq else 1)
+            return
         if ts - last != freq or chain != h:  # warming up, or after a gap: the general path
             self.score(np.array([slot]), values, timestamps_ms, forecast, np.array([scale]))
             return
@@ -375,6 +431,31 @@ class LiveScorer:
         self._ring[slot, r] = forecast[0]
         self._origin_ts[slot, r] = ts
         self._slot_ints[slot] = (n + 1, ts, h)
+
+    def _score_one_sampled(self, slot: int, y: float, ts: int, scale: float, forecast: np.ndarray) -> None:
+        """_score_one with an origin stride: the pairs of the few kept origins (found by timestamp,
+        as _score_by_time does) in Python scalars, then keep the forecast if its origin is kept."""
+        h, freq = self.horizon, self.spec.freq_ms
+        sums = None
+        for o, origin in enumerate(self._origin_ts[slot].tolist()):
+            dt = ts - origin
+            lead = dt // freq
+            if 1 <= lead <= h and lead * freq == dt:
+                d = [y - v for v in self._ring[slot, o, lead - 1].tolist()]
+                err, has = abs(d[self._p]), scale > 0  # (NaN: False)
+                pinball = sum(q * x - min(x, 0.0) for q, x in zip(self._q_list, d))
+                if sums is None:
+                    sums = np.zeros((FIELDS, h))
+                sums[:, lead - 1] = (1.0, err, pinball, d[0] >= 0 and d[-1] <= 0, has, err / scale if has else 0.0)
+        if sums is None:
+            self.acc.observed(1)
+        else:
+            self.acc.add(sums, 1)
+        grid = ts // freq
+        if grid % self.origin_stride == 0:
+            r = grid // self.origin_stride % self.kept
+            self._ring[slot, r] = forecast
+            self._origin_ts[slot, r] = ts
 
     def _dense_sums(self, f: np.ndarray, y: np.ndarray, scale: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
         """Per-lead sums [FIELDS, H] of the pairs f [B, H, Q] (lead - 1 on axis 1) with actuals
@@ -410,13 +491,13 @@ class LiveScorer:
     def _score_by_time(self, slots: np.ndarray, y: np.ndarray, ts: np.ndarray, scale: np.ndarray) -> None:
         """Rows whose kept origins are not all one step apart: pairs found by timestamp."""
         h, freq = self.horizon, self.spec.freq_ms
-        dt = ts[:, None] - self._origin_ts[slots]  # [b, H] ms since each kept origin
+        dt = ts[:, None] - self._origin_ts[slots]  # [b, R] ms since each kept origin
         lead = dt // freq
         b, o = np.nonzero((lead >= 1) & (lead <= h) & (lead * freq == dt))
         if not b.size:
             return
         li = lead[b, o] - 1  # [P] lead - 1 of each pair
-        f = self._ring.reshape(-1, self.q).take((slots[b] * h + o) * h + li, axis=0)  # [P, Q]
+        f = self._ring.reshape(-1, self.q).take((slots[b] * self.kept + o) * h + li, axis=0)  # [P, Q]
         d = y[b, None] - f
         abs_err = np.abs(d[:, self._p])
         s = scale[b]

@@ -27,7 +27,7 @@ import numpy as np
 
 from serving.config import MonitorConfig
 from serving.errors import RegistryUnavailable
-from serving.live import BucketAccuracy, LiveScorer, overall_mase, pooled
+from serving.live import BucketAccuracy, LiveScorer, bytes_per_series, origin_stride_for, overall_mase, pooled
 from serving.model_store import LoadedModel, ModelStore
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,10 @@ class ShadowRunner:
 
     def __init__(self, model: LoadedModel, served: LiveScorer, window_observations: int) -> None:
         self.model, self.served = model, served
-        self.scorer = LiveScorer(model.version, "shadow", model.spec, served.max_series, window_observations)
+        self.scorer = LiveScorer(
+            model.version, "shadow", model.spec, served.max_series, window_observations,
+            origin_stride=served.origin_stride,
+        )  # fmt: skip
         self._row_of_slot = np.full(served.max_series, -1, np.int64)  # the slot's state row in model.arena
         self._pending = 0
         self.skipped = 0  # batches not stepped (queue full or a failed call)
@@ -148,9 +151,19 @@ class LiveMonitor:
         """A new current version (models' on_change): score it; the shadow moves beside it."""
         if not self.cfg.enabled:
             return
-        cfg = self.cfg
+        cfg, spec = self.cfg, model.spec
+        shape = (spec.horizon, len(spec.quantiles), spec.season or 0)
+        stride = cfg.origin_stride or origin_stride_for(*shape, cfg.max_series, cfg.memory_mib << 20)
         scorer = LiveScorer(
-            model.version, "served", model.spec, cfg.max_series, cfg.window_observations, cfg.fraction, model.arena
+            model.version, "served", spec, cfg.max_series, cfg.window_observations, cfg.fraction, model.arena, stride
+        )
+        log.info(
+            "event=live_accuracy version=%s origin_stride=%d kept_origins=%d bytes_per_series=%d max_series=%d",
+            model.version,
+            stride,
+            scorer.kept,
+            bytes_per_series(*shape, stride),
+            cfg.max_series,
         )
         model.stepper.monitor = scorer.observe
         self.scorers = [*self.scorers, (scorer, model)][-KEEP_VERSIONS:]  # replaced, not mutated: scrapes read it

@@ -7,8 +7,9 @@ import numpy as np
 from serving.live import horizon_buckets
 
 
-def expected_buckets(runs, quantiles, point, season, horizon, freq_ms) -> list[dict]:
-    """Per horizon bucket: every (forecast, actual) pair of every series, scored in plain loops.
+def expected_buckets(runs, quantiles, point, season, horizon, freq_ms, origin_stride=1) -> list[dict]:
+    """Per horizon bucket: every (forecast, actual) pair of every series, scored in plain loops
+    (with an origin stride K: the pairs of the origins whose timestamp // freq_ms is a multiple of K).
 
     runs: [(timestamps_ms [T], values [T], forecasts [T, H, Q])]; the MASE scale at t is the mean
     of |y_s - y_{s - season}| over the series' observations s <= t that have one a season back.
@@ -23,6 +24,8 @@ def expected_buckets(runs, quantiles, point, season, horizon, freq_ms) -> list[d
                 total, count = total + abs(float(y[j]) - float(y[back])), count + 1
             scale[j] = total / count if count else np.nan
         for i, t in enumerate(ts):
+            if int(t) // freq_ms % origin_stride:
+                continue
             for k in range(1, horizon + 1):
                 j = at.get(int(t) + k * freq_ms)
                 if j is not None:

@@ -20,9 +20,11 @@ from tests.live_support import expected_buckets
 from tests.serving_support import OfflineModel, RunningServer, Stream, server_config
 
 
-def test_live_scores_equal_an_offline_recomputation(model_dir):
+@pytest.mark.parametrize("stride", [1, 4])
+def test_live_scores_equal_an_offline_recomputation(model_dir, stride):
     """Two series streamed together (one with a gap of three missing steps): MAE, pinball,
-    coverage and MASE per horizon bucket equal the recomputation from the step graph offline."""
+    coverage and MASE per horizon bucket equal the recomputation from the step graph offline
+    (stride 4: --monitor-origin-stride 4, the pairs of every fourth origin)."""
     offline = OfflineModel(model_dir)
     meta = offline.step.get_modelmeta().custom_metadata_map
     horizon, season = int(meta["horizon"]), int(meta["season"])
@@ -30,7 +32,7 @@ def test_live_scores_equal_an_offline_recomputation(model_dir):
     a = synthetic_series(n, series_id="a", seed=1)
     b = synthetic_series(n, series_id="b", level=20.0, seed=2)
     b_steps = [t for t in range(n) if not 120 <= t < 123]  # a gap: the next forecasts' leads shift
-    config = replace(server_config(str(model_dir)), monitor=MonitorConfig(window_observations=64))
+    config = replace(server_config(str(model_dir)), monitor=MonitorConfig(window_observations=64, origin_stride=stride))
     with RunningServer(config) as s, grpc.insecure_channel(s.target) as channel:
         stub = pb_grpc.ForecasterStub(channel)
         stream = Stream(stub)
@@ -48,7 +50,7 @@ def test_live_scores_equal_an_offline_recomputation(model_dir):
         ts, y = series.timestamps_ms[list(steps)], series.values[list(steps)]
         fc = np.stack([offline.step_one(series.series_id, int(t), float(v)) for t, v in zip(ts, y)])
         runs.append((ts, y, fc))
-    want = expected_buckets(runs, offline.quantiles, offline.point_index, season, horizon, int(meta["freq_ms"]))
+    want = expected_buckets(runs, offline.quantiles, offline.point_index, season, horizon, int(meta["freq_ms"]), stride)
 
     (served,) = [v for v in report.versions if v.role == "served"]
     assert served.monitored_series == 2

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from serving.contract import ModelSpec, StateTensor
-from serving.live import LiveScorer, bytes_per_series, horizon_buckets, pooled
+from serving.live import LiveScorer, bytes_per_series, horizon_buckets, origin_stride_for, pooled
 from serving.state import StateArena
 from tests.live_support import expected_buckets
 
@@ -24,14 +24,27 @@ def test_horizon_buckets_follow_the_horizon():
     assert horizon_buckets(1) == [(1, 1)]
     assert horizon_buckets(100) == [(1, 1), (2, 6), (7, 24), (25, 48), (49, 96), (97, 100)]
     assert bytes_per_series(48, 3, 48) == 28_864
+    assert bytes_per_series(48, 3, 48, origin_stride=8) == 4_336  # 6 kept origins of 48
 
 
-@pytest.mark.parametrize("horizon, season, apart", [(6, 3, False), (8, 12, False), (6, 3, True)])
-def test_scores_equal_a_plain_loop_reference(horizon, season, apart):
-    """apart: each series' step in a batch of its own (the scalar path of one-row batches)."""
+def test_the_default_origin_stride_is_the_smallest_that_fits_the_budget():
+    budget = 448 << 20  # the defaults: 100,000 series in 448 MiB
+    assert origin_stride_for(48, 3, 48, 100_000, budget) == 8  # the default model: 6 origins kept
+    assert origin_stride_for(6, 3, 48, 100_000, budget) == 1  # small models: every forecast
+    assert origin_stride_for(48, 3, 48, 12_000, budget) == 1
+    assert origin_stride_for(48, 3, 48, 10**9, budget) == 48  # nothing fits: one origin kept
+
+
+@pytest.mark.parametrize(
+    "horizon, season, apart, stride",
+    [(6, 3, False, 1), (8, 12, False, 1), (6, 3, True, 1), (8, 12, False, 3), (6, 3, True, 4), (7, 3, False, 7)],
+)
+def test_scores_equal_a_plain_loop_reference(horizon, season, apart, stride):
+    """apart: each series' step in a batch of its own (the scalar path of one-row batches);
+    stride: score the forecasts of every stride-th origin only (by timestamp)."""
     rng = np.random.default_rng(horizon)
     arena = StateArena([StateTensor("h", (None, 1))], 8)
-    scorer = LiveScorer("1", "served", spec(horizon, season), 16, 1000, 1.0, arena)
+    scorer = LiveScorer("1", "served", spec(horizon, season), 16, 1000, 1.0, arena, origin_stride=stride)
     # Each series: its own start, level and timestamps; one with a gap, one with an off-grid step.
     plans = {}
     for k in range(5):
@@ -64,8 +77,9 @@ def test_scores_equal_a_plain_loop_reference(horizon, season, apart):
                 np.array([batch[i][1]["ts"][batch[i][2]] for i in g]), fc[g], np.zeros((len(g), 0), np.float32),
             )  # fmt: skip
     runs = [(p["ts"], p["y"], np.stack(p["fc"])) for p in plans.values()]
-    want = expected_buckets(runs, (0.1, 0.5, 0.9), 1, season, horizon, FREQ)
+    want = expected_buckets(runs, (0.1, 0.5, 0.9), 1, season, horizon, FREQ, stride)
     got = pooled(scorer.acc.total, 3, scorer.buckets)
+    assert sum(w["scored"] for w in want) > 100  # enough pairs to mean something
     for g, w in zip(got, want):
         assert (g.scored, g.mase_scored) == (w["scored"], w["mase_scored"])
         for name in ("mae", "pinball", "coverage", "mase"):
