@@ -1,8 +1,9 @@
 """What live accuracy (issue #17) costs the server: CPU per observation and memory.
 
 Two `python -m serving` processes from this tree, the default model, one with live accuracy off
-(--monitor-fraction 0) and one with it on (the defaults: every series, at most 12,000 per
-version), measured in alternating rounds (the machine's speed drifts with other tenants' load):
+(--monitor-fraction 0) and one with it on (the defaults: every series, at most 100,000 per
+version, the forecasts of every 8th origin: the stride that fits --monitor-memory-mib 448 with the
+default model), measured in alternating rounds (the machine's speed drifts with other tenants' load):
 
 (a) one stream, 256 series per message (bench.stream's (a)): server CPU µs per observation;
 (b) one observation per message over 1 and 64 streams (bench.stream's (b)): server CPU µs per message;
@@ -16,7 +17,10 @@ on the rest of the server, such as the cache the forecast rings take).
 
 Prints a table and writes bench/results/live_cost.json.
 
-    python -m bench.live_cost [--rounds N] [--quick] [--parts a b c] [--steps N]
+--stride K sets the "on" server's --monitor-origin-stride (1: every forecast scored), and
+--max-monitored N its --monitor-max-series.
+
+    python -m bench.live_cost [--rounds N] [--quick] [--parts a b c] [--steps N] [--stride K] [--max-monitored N]
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from bench.stream import (
     start_server,
 )
 
-SETTINGS = {"off": ("--monitor-fraction", "0"), "on": ("--metrics-port", "0")}
+OFF = ("--monitor-fraction", "0")
+ON = ("--metrics-port", "0")
 
 
 def scoring_cpu(proc) -> float:
@@ -84,14 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer messages")
     p.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
     p.add_argument("--steps", type=int, default=49, help="(c): steps of each of the 100,000 series")
+    p.add_argument("--stride", type=int, help="the 'on' server's --monitor-origin-stride (default: its default)")
+    p.add_argument("--max-monitored", type=int, help="the 'on' server's --monitor-max-series (default: its default)")
     args = p.parse_args(argv)
+    on = [*ON] if args.stride is None else [*ON, "--monitor-origin-stride", str(args.stride)]
+    if args.max_monitored is not None:
+        on += ["--monitor-max-series", str(args.max_monitored)]
+    settings = {"off": OFF, "on": tuple(on)}
     scale = 0.3 if args.quick else 1.0
     model = str(default_model_dir())
-    servers = {name: start_server(model, *flags) for name, flags in SETTINGS.items()}
+    servers = {name: start_server(model, *flags) for name, flags in settings.items()}
     rng = np.random.default_rng(0)
     series = [f"s{i}" for i in range(256)]
     messages = [request(series, i, level(i, 256, rng)) for i in range(int(200 * scale) + 20)]
-    results: dict = {"model": model, "settings": {k: list(v) for k, v in SETTINGS.items()}}
+    results: dict = {"model": model, "settings": {k: list(v) for k, v in settings.items()}}
     rows = []
     try:
         if "a" in args.parts:
