@@ -150,6 +150,11 @@ class ForecastClient:
     def info(self) -> pb.ModelInfo:
         return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout, metadata=self._metadata)
 
+    def live_accuracy(self, model: str = "") -> pb.LiveAccuracy:
+        """The server's live scores per model version (GetLiveAccuracy)."""
+        request = pb.GetLiveAccuracyRequest(model=model)
+        return self._stub.GetLiveAccuracy(request, timeout=self._timeout, metadata=self._metadata)
+
     def forecast(self, histories: Iterable[pb.SeriesHistory]) -> list[pb.SeriesForecast]:
         request = pb.ForecastRequest(series=list(histories))
         return list(self._stub.Forecast(request, timeout=self._timeout, metadata=self._metadata).forecasts)

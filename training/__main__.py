@@ -43,7 +43,14 @@ def _parser() -> argparse.ArgumentParser:
         default=1000,
         help="with --live: live (forecast, actual) pairs both versions must have scored (default 1000)",
     )
-    prom.add_argument("--token-file", type=Path, help="with --live: the server's bearer token (first line)")
+    prom.add_argument("--token-file", type=Path, help="with --live: the server's bearer token (the file's first)")
+    prom.add_argument(
+        "--tls", action="store_true", help="with --live: TLS, the server checked against the system's CAs"
+    )
+    prom.add_argument("--tls-ca", type=Path, help="with --live: TLS, the server checked against this CA (PEM)")
+    prom.add_argument("--tls-cert", type=Path, help="with --live: this client's certificate (PEM), for mutual TLS")
+    prom.add_argument("--tls-key", type=Path, help="with --live: this client's private key (PEM), for mutual TLS")
+    prom.add_argument("--tls-server-name", help="with --live: the name the server's certificate must carry")
     ens = sub.add_parser("ensure-production", help="fit and promote the config's model unless one is in production")
     ens.add_argument("--config", default=DEFAULT_CONFIG)
     ens.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -78,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                 min_observations=args.min_observations,
                 margin=0.02 if args.margin is None else args.margin,
                 token_file=args.token_file,
+                tls=args.tls,
+                tls_ca=args.tls_ca,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                tls_server_name=args.tls_server_name,
             )
             print(f"live accuracy on {args.live}: production version {evidence.served_version} (served) against "
                   f"candidate version {evidence.shadow_version} (shadow), the same pairs")  # fmt: skip

@@ -9,7 +9,7 @@ series, targets and forecast origins, the same MASE scale -- by ``margin``:
 decision and its figures are logged to the candidate's MLflow run (metrics ``live_mase``,
 ``live_mase_production``, ``live_pairs``; tags ``live_promotion``, ``live_promotion_reason``).
 
-Only the gRPC client and the generated stubs of the serving side are used here.
+Only the serving side's gRPC client (serving.client: TLS, mutual TLS, a bearer token) is used here.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 
@@ -46,23 +47,25 @@ def _pooled(buckets) -> tuple[int, float, float]:
     return n, mase, mae
 
 
-def read_evidence(target: str, token_file: Path | None = None, timeout_s: float = 30.0) -> Evidence:
-    """Ask the server at target for its live accuracy; the served version beside which a shadow runs."""
+def read_evidence(target: str, token_file: Path | None = None, timeout_s: float = 30.0, **tls: Any) -> Evidence:
+    """Ask the server at target for its live accuracy; the served version beside which a shadow runs.
+
+    ``token_file``: its first token is sent as a bearer token; ``tls``: serving.client.ForecastClient's
+    TLS arguments (tls, tls_ca, tls_cert, tls_key, tls_server_name)."""
     import grpc
 
-    from serving.proto import pb, pb_grpc  # the generated stubs only
+    from serving.client import ForecastClient
+    from serving.errors import CredentialsError
+    from serving.security import read_tokens
 
-    metadata = ()
-    if token_file is not None:
-        token = next(line.strip() for line in token_file.read_text().splitlines() if line.strip())
-        metadata = (("authorization", f"Bearer {token}"),)
-    with grpc.insecure_channel(target) as channel:
-        try:
-            live = pb_grpc.ForecasterStub(channel).GetLiveAccuracy(
-                pb.GetLiveAccuracyRequest(), timeout=timeout_s, metadata=metadata
-            )
-        except grpc.RpcError as exc:
-            raise RegistryError(f"GetLiveAccuracy on {target} failed: {exc.code().name}: {exc.details()}") from exc
+    try:
+        token = read_tokens(Path(token_file), "--token-file")[0] if token_file is not None else None
+        with ForecastClient(target, timeout_s, token=token, **tls) as client:
+            live = client.live_accuracy()
+    except grpc.RpcError as exc:
+        raise RegistryError(f"GetLiveAccuracy on {target} failed: {exc.code().name}: {exc.details()}") from exc
+    except (CredentialsError, ValueError) as exc:  # unusable TLS or token files
+        raise RegistryError(f"cannot ask {target}: {exc}") from exc
     served = [v for v in live.versions if v.role == "served" and v.shadow_version]
     if not served:
         raise RegistryError(f"the server at {target} runs no shadow version (start it with --shadow-alias candidate)")
@@ -81,10 +84,16 @@ def read_evidence(target: str, token_file: Path | None = None, timeout_s: float 
 
 
 def promote_live(
-    name: str, target: str, min_observations: int = 1000, margin: float = 0.02, token_file: Path | None = None
+    name: str,
+    target: str,
+    min_observations: int = 1000,
+    margin: float = 0.02,
+    token_file: Path | None = None,
+    **tls: Any,
 ) -> tuple[Promotion, Evidence]:
-    """The live gate (see the module docstring); raises RegistryError when it cannot decide."""
-    evidence = read_evidence(target, token_file)
+    """The live gate (see the module docstring); raises RegistryError when it cannot decide.
+    ``tls``: as read_evidence."""
+    evidence = read_evidence(target, token_file, **tls)
     client = MlflowClient()
     cand, prod = alias_version(client, name, CANDIDATE), alias_version(client, name, PRODUCTION)
     e = evidence

@@ -232,3 +232,23 @@ def test_a_server_with_unusable_security_files_does_not_start(model_dir, pki, tm
     config = replace(server_config(str(model_dir)), security=security(pki, tmp_path))
     with pytest.raises(CredentialsError, match=message):
         RunningServer(config).__enter__()
+
+
+def test_promote_live_reads_the_evidence_over_mutual_tls_with_a_token(mtls_server, pki, token_file, tmp_path):
+    """`promote --live` against a secured server: with the CA, its certificate and a token the call
+    goes through (this server runs no shadow, which is what it then says); without TLS, or with a
+    token the server does not know, it fails with the transport's reason."""
+    from training.live_promote import read_evidence
+    from training.registry import RegistryError
+
+    tls = {"tls_ca": pki.ca, "tls_cert": pki.client_cert, "tls_key": pki.client_key}
+    with pytest.raises(RegistryError, match="runs no shadow version"):
+        read_evidence(mtls_server.target, token_file, timeout_s=10, **tls)
+    stranger = tmp_path / "stranger.txt"
+    stranger.write_text("not-a-token\n")
+    with pytest.raises(RegistryError, match="UNAUTHENTICATED"):
+        read_evidence(mtls_server.target, stranger, timeout_s=10, **tls)
+    with pytest.raises(RegistryError, match="UNAVAILABLE"):
+        read_evidence(mtls_server.target, token_file, timeout_s=10)  # plaintext to a TLS server
+    with pytest.raises(RegistryError, match=r"--tls-ca .*cannot read it"):
+        read_evidence(mtls_server.target, token_file, timeout_s=10, tls_ca=tmp_path / "missing.pem")
