@@ -51,12 +51,14 @@ def train_tiny(
     horizon: int = 6,
     members: int = 1,
     lags: tuple[int, ...] = (12, 48),
+    level: float = 10.0,
 ):
-    """A real Forecaster trained for a couple of seconds (with a lag buffer of 48 steps by default)."""
+    """A real Forecaster trained for a couple of seconds (with a lag buffer of 48 steps by default)
+    on one synthetic series (``level``: its mean)."""
     from training.model import ModelConfig
     from training.train import TrainConfig, scaled_config, train_forecaster
 
-    series = [synthetic_series(covariates=len(covariates), seed=seed, series_id=f"s{seed}")]
+    series = [synthetic_series(covariates=len(covariates), seed=seed, series_id=f"s{seed}", level=level)]
     cfg = ModelConfig(
         cell=cell, hidden_size=16, num_layers=2, horizon=horizon, covariates=covariates, members=members, lags=lags
     )

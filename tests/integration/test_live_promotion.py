@@ -13,22 +13,20 @@ from mlflow import MlflowClient
 
 from serving.config import MonitorConfig
 from serving.proto import pb, pb_grpc
-from tests.conftest import register_model_dir, synthetic_series
+from tests.conftest import register_model_dir, synthetic_series, train_tiny
 from tests.serving_support import RunningServer, Stream, metric, server_config, wait_for
+
+SHIFTED = 100.0  # the level after the shift (before: 10); offline, the after-shift model's MAE is 10% lower
 
 
 @pytest.fixture(scope="module")
-def untrained_dir(tmp_path_factory):
-    """The tiny model's network with its initial weights, exported: a production version gone bad."""
-    import torch
-
+def after_shift_dir(tmp_path_factory):
+    """The tiny model trained on the series after its level rose tenfold: the challenger. (The tiny
+    model of model_dir was trained before the shift: production.)"""
     from training.export import export_model
-    from training.model import Forecaster, ModelConfig
 
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("untrained")
-    model = Forecaster(ModelConfig(cell="lstm", hidden_size=16, num_layers=2, horizon=6, lags=(12, 48)))
-    export_model(model, out, metadata={"target": "demand", "mlflow_run_id": "none"})
+    out = tmp_path_factory.mktemp("after_shift")
+    export_model(train_tiny(level=SHIFTED), out, metadata={"target": "demand", "mlflow_run_id": "none"})
     return out
 
 
@@ -89,15 +87,16 @@ def promote_live(target: str, capsys) -> tuple[int, str]:
 
 
 def test_candidate_in_shadow_promoted_on_live_evidence_and_refused_reversed(
-    mlflow_store, model_dir, untrained_dir, capsys
+    mlflow_store, model_dir, after_shift_dir, capsys
 ):
-    bad = register_model_dir(mlflow_store, untrained_dir, alias="production")  # "1", the production that went bad
-    good = register_model_dir(mlflow_store, model_dir)  # "2", alias candidate
+    """Production trained before a level shift, the candidate after it, the live data after it."""
+    bad = register_model_dir(mlflow_store, model_dir, alias="production")  # "1": trained before the shift
+    good = register_model_dir(mlflow_store, after_shift_dir)  # "2", alias candidate: trained after it
     config = replace(
         server_config("models:/forecaster@production", mlflow_store, watch_interval_s=0.3),
         monitor=MonitorConfig(shadow_alias="candidate"),
     )
-    series = synthetic_series(200, seed=4)
+    series = synthetic_series(200, seed=4, level=SHIFTED)  # the live data: after the shift
     client = MlflowClient()
     with RunningServer(config) as s, grpc.insecure_channel(s.target) as channel:
         stub = pb_grpc.ForecasterStub(channel)
