@@ -197,7 +197,9 @@ class LiveScorer:
         self.backtest_mase: float | None = None  # from the registry, when known
         self.cpu_seconds = 0.0  # thread CPU time spent scoring (what live accuracy costs)
         h, q, s, m = self.horizon, self.q, max(self.season, 1), max_series
-        # Preallocated at the cap: np.zeros pages are only resident once a slot has used them.
+        # Preallocated at the cap, all np.zeros: their pages are only resident once a slot has used
+        # them. Initial values never matter: reset() sets a slot's before its first use. (Filling
+        # them, e.g. timestamps with _NEVER, made ~85 MiB resident at load for 100,000 slots.)
         # Forecasts of the last R kept origins, [slot, origin, lead - 1, quantile]: a batch's
         # forecasts are written as whole [H, Q] blocks; a pair's Q values are read as one 12-byte row.
         self._ring = np.zeros((m, self.kept, h, q), np.float32)
@@ -206,15 +208,13 @@ class LiveScorer:
         # its slot's [H origins x H leads] block) of the kept forecasts for leads 1..H, when its
         # origins are one step apart: lead k's is the origin k steps back, at (r - k) mod H.
         self._pattern = ((np.arange(h)[:, None] - self._k1) % h) * h + (self._k1 - 1)  # [H, H]
-        self._origin_ts = np.full((m, self.kept), _NEVER, np.int64)
+        self._origin_ts = np.zeros((m, self.kept), np.int64)
         # Per slot: steps stored since it started, the newest origin's timestamp, and how many of
         # the newest origins are one step apart (up to H). One array: one gather, one scatter.
         self._slot_ints = np.zeros((m, 3), np.int64)
-        self._slot_ints[:, LAST_TS] = _NEVER
         # The last season of (value, timestamp) per slot, a ring by time (NaN: none), and the
         # running (sum of |y_t - y_{t - season}|, count).
         self._lag = np.zeros((m, s, 2))
-        self._lag[:, :, 1] = np.nan
         self._scale = np.zeros((m, 2))
         self._q = np.asarray(spec.quantiles, np.float64)
         self._q_list = [float(q) for q in spec.quantiles]
