@@ -210,7 +210,8 @@ class LiveScorer:
         self._pattern = ((np.arange(h)[:, None] - self._k1) % h) * h + (self._k1 - 1)  # [H, H]
         self._origin_ts = np.zeros((m, self.kept), np.int64)
         # Per slot: steps stored since it started, the newest origin's timestamp, and how many of
-        # the newest origins are one step apart (up to H). One array: one gather, one scatter.
+        # the newest origins are one step apart (up to H): the ring's bookkeeping when every origin
+        # is kept (stride 1; a stride finds its pairs by timestamp). One array: one gather, one scatter.
         self._slot_ints = np.zeros((m, 3), np.int64)
         # The last season of (value, timestamp) per slot, a ring by time (NaN: none), and the
         # running (sum of |y_t - y_{t - season}|, count).
@@ -349,46 +350,26 @@ class LiveScorer:
         MASE scale used per row [B] (NaN: none yet); a shadow passes the served scorer's."""
         h, freq, ts = self.horizon, self.spec.freq_ms, timestamps_ms
         y = values.astype(np.float64)
-        ints = self._slot_ints[slots]  # [B, 3]
-        n, chain = ints[:, STEPS], ints[:, CHAIN]
         if scale is None:
             scale = self._update_scale(slots, y, ts)
-        step = ts - ints[:, LAST_TS] == freq  # one step after the last
         if self.origin_stride > 1:  # a few kept origins per series: pairs by timestamp
             self.acc.observed(len(slots))
             self._score_by_time(slots, y, ts, scale)
             grid = ts // freq
             keep = np.flatnonzero(grid % self.origin_stride == 0)
-            into, r, kept_ts = slots[keep], grid[keep] // self.origin_stride % self.kept, ts[keep]
-            forecast = forecast[keep]
-        else:
-            self._score_chained(slots, y, ts, scale, step, n, chain)
-            into, r, kept_ts = slots, n % h, ts  # the ring position the newest forecast goes to
-        self._ring[into, r] = forecast
-        self._origin_ts[into, r] = kept_ts
-        ints[:, CHAIN] = np.where(step, np.minimum(chain + 1, h), 1)
-        ints[:, STEPS] += 1
-        ints[:, LAST_TS] = ts
-        self._slot_ints[slots] = ints
-        return scale
-
-    def _score_chained(
-        self,
-        slots: np.ndarray,
-        y: np.ndarray,
-        ts: np.ndarray,
-        scale: np.ndarray,
-        step: np.ndarray,
-        n: np.ndarray,
-        chain: np.ndarray,
-    ) -> None:
-        """score() keeping every origin: pairs by ring position where the origins are one step apart."""
-        h, freq = self.horizon, self.spec.freq_ms
+            r = grid[keep] // self.origin_stride % self.kept
+            self._ring[slots[keep], r] = forecast[keep]
+            self._origin_ts[slots[keep], r] = ts[keep]
+            return scale
+        ints = self._slot_ints[slots]  # [B, 3]
+        n, chain = ints[:, STEPS], ints[:, CHAIN]
+        step = ts - ints[:, LAST_TS] == freq  # one step after the last
         # The usual case: one step after the last, and every kept origin one step after the one
         # before: lead k's forecast is then the origin stored k steps ago, for k <= chain.
         leads = np.where(step & (chain >= np.minimum(n, h)), chain, 0)  # [B] leads scorable so
+        r = n % h  # the ring position the newest forecast goes to
         if leads.any():
-            base = self._pattern[n % h] + (slots * (h * h))[:, None]  # [B, H] the pairs' rows in the ring
+            base = self._pattern[r] + (slots * (h * h))[:, None]  # [B, H] the pairs' rows in the ring
             f = self._ring.reshape(-1, self.q).take(base, axis=0)  # [B, H, Q]
             valid = None if leads.min() == h else self._k1 <= leads[:, None]  # [B, H] (None: all)
             self.acc.add(self._dense_sums(f, y, scale, valid), len(slots))
@@ -401,12 +382,18 @@ class LiveScorer:
             odd = np.flatnonzero((leads == 0) & (n > 0))
             if odd.size:
                 self._score_by_time(slots[odd], y[odd], ts[odd], scale[odd])
+        self._ring[slots, r] = forecast
+        self._origin_ts[slots, r] = ts
+        ints[:, CHAIN] = np.where(step, np.minimum(chain + 1, h), 1)
+        ints[:, STEPS] += 1
+        ints[:, LAST_TS] = ts
+        self._slot_ints[slots] = ints
+        return scale
 
     def _score_one(self, slot: int, values: np.ndarray, timestamps_ms: np.ndarray, forecast: np.ndarray) -> None:
         """score() for one row in Python scalars where numpy would only add call overhead (what
         one-observation streams pay per message); the rare cases go to score()."""
         h, freq, season = self.horizon, self.spec.freq_ms, self.season
-        n, last, chain = self._slot_ints[slot].tolist()
         y, ts = float(values[0]), int(timestamps_ms[0])
         scale = float("nan")
         if season:  # as _update_scale
@@ -420,8 +407,8 @@ class LiveScorer:
             scale = total / count if count else scale
         if self.origin_stride > 1:
             self._score_one_sampled(slot, y, ts, scale, forecast[0])
-            self._slot_ints[slot] = (n + 1, ts, min(chain + 1, h) if ts - last == freq else 1)
             return
+        n, last, chain = self._slot_ints[slot].tolist()
         if ts - last != freq or chain != h:  # warming up, or after a gap: the general path
             self.score(np.array([slot]), values, timestamps_ms, forecast, np.array([scale]))
             return
