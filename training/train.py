@@ -298,8 +298,8 @@ def _warm_states(model: Forecaster, win: _Windows, starts: np.ndarray) -> _WarmS
         # The features of the whole stretch in one call (each step's depend on the values before it
         # only, so this equals running them segment by segment); then only the cell runs per segment:
         # 3-4x cheaper than one whole encode call per window start (2,776 starts: 2.2 -> 0.7 s).
-        seg = slice(int(first), mine[-1])
-        if mine[-1] > first:
+        if mine[-1] > first:  # (a series whose only start is its first step needs no run)
+            seg = slice(int(first), mine[-1])
             inputs = (win.values[seg][None], win.timestamps[seg][None], win.covariates[seg][None])
             x, _, _ = model.cell_inputs(*(t.to(device) for t in inputs), state)
         at = int(first)
@@ -530,7 +530,6 @@ def train_model(
                 model, train_w, rng, opt, sched, cfg, quantiles, bar, f"epoch {epoch}", steps=steps_per_epoch,
                 warm=warm, workers=workers, forecasts=forecasts, deadline=deadline,
             )  # fmt: skip
-            cut_short = metrics.pop("cut_short") > 0  # an epoch longer than what was left of the budget
             pass_seconds = workers.largest(time.monotonic() - epoch_started)
             if warm is not None:  # this epoch's weights: for its validation and the next epoch's windows
                 warm = _warm_states(model, train_w, every_start)
@@ -557,7 +556,8 @@ def train_model(
             fits = int((left - finetune_seconds) // epoch_seconds)
             plan["epochs"] = min(cfg.max_epochs, epoch + max(0, fits))
             bar.total = plan["epochs"] * steps_per_epoch + finetune_steps
-            if (fits < 1 or cut_short) and epoch < cfg.max_epochs:
+            # (An epoch cut at the deadline leaves no time: fits < 1.)
+            if fits < 1 and epoch < cfg.max_epochs:
                 result.stop_reason = STOP_BUDGET
                 log.info(
                     "stop at epoch %d: the time budget (train.max_minutes %g) has no room for another epoch",
@@ -575,7 +575,7 @@ def train_model(
                 model, recent_w, rng, opt, None, cfg, quantiles, bar, f"fine-tuning pass {p}", warm=warm,
                 workers=workers, forecasts=forecasts,
             )  # fmt: skip
-            metrics = {f"finetune_{k}": v for k, v in metrics.items() if k != "cut_short"}
+            metrics = {f"finetune_{k}": v for k, v in metrics.items()}
             result.finetune.append(metrics)
             bar.set_postfix(finetune=p, loss=f"{metrics['finetune_loss']:.4f}")
             log.info("fine-tuning pass %d %s", p, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
@@ -626,8 +626,8 @@ def _train_pass(
 ) -> dict[str, float]:
     """One pass over ``win`` in random order (repeated, each time reshuffled, until it makes at least
     ``steps`` optimizer steps): -> mean loss, pre-clip gradient norms (mean and max), the share of
-    clipped steps and the learning rate at the end; ``cut_short`` 1.0 when the pass stopped at
-    ``deadline`` (``time.monotonic()`` seconds; on every rank at the same step) before its end.
+    clipped steps and the learning rate at the end. It stops early at ``deadline``
+    (``time.monotonic()`` seconds; on every rank at the same step).
 
     Data-parallel (``workers``): every rank draws the same order and takes its share of each global
     batch; its loss is its pinball sum over the global count of points times the world size, so the
@@ -638,7 +638,7 @@ def _train_pass(
     forecasts = forecasts or _Forecasts(model)
     passes = max(1, math.ceil(steps * cfg.batch_size / len(win.starts))) if steps else 1
     order = np.concatenate([rng.permutation(len(win.starts)) for _ in range(passes)])
-    losses, norms, clipped, cut_short = [], [], 0, 0.0
+    losses, norms, clipped = [], [], 0
     params = [p for group in opt.param_groups for p in group["params"]]
     for step, first in enumerate(range(0, len(order), cfg.batch_size), start=1):
         rows = order[first : first + cfg.batch_size]
@@ -665,10 +665,8 @@ def _train_pass(
         bar.update()
         bar.set_postfix(step=where, loss=f"{mean_loss:.4f}", refresh=False)
         if deadline is not None and workers.largest(time.monotonic() - deadline) > 0:
-            cut_short = 1.0
             break
     return {
-        "cut_short": cut_short,
         "loss": float(np.mean(losses)),
         "grad_norm_mean": float(np.mean(norms)),
         "grad_norm_max": float(np.max(norms)),
