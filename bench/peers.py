@@ -422,10 +422,12 @@ def batched_floor(this: ps.System, step_graph_dir: Path, rounds: int, scale: flo
 
 
 def start_all(
-    reg: Registered, work: Path, log_dir: Path, only: list[str] | None = None
-) -> tuple[list[ps.System], dict[str, str]]:
-    """Every system that can start here (those named by `only`, and this server), and why the others cannot."""
-    systems, unavailable = [], {}
+    systems: list[ps.System], reg: Registered, work: Path, log_dir: Path, only: list[str] | None = None
+) -> dict[str, str]:
+    """Start every system that can start here (those named by `only`, and this server), appending each
+    to `systems` as it starts (so the caller stops them even if a later one fails); -> why the others
+    cannot."""
+    unavailable: dict[str, str] = {}
     q = len(reg.quantiles)
     qcols = [__import__("training.forecasting_pyfunc", fromlist=["x"]).quantile_column(x) for x in reg.quantiles]
     proc, target = ps.start_this_server(reg.model_uri, reg.tracking_uri, log_dir)
@@ -440,9 +442,7 @@ def start_all(
         python = peers_env.serving_python()
     except peers_env.EnvError as exc:
         print(f"the peers' environment could not be built: {exc}", file=sys.stderr)
-        return systems, unavailable | {
-            n: f"its environment could not be built: {exc}" for n in (MLFLOW, MLSERVER, TRITON)
-        }
+        return unavailable | {n: f"its environment could not be built: {exc}" for n in (MLFLOW, MLSERVER, TRITON)}
     starters = {
         MLFLOW: lambda: (ps.start_mlflow_serve(python, reg.forecasting_uri, reg.tracking_uri, log_dir),
                          ps.mlflow_protocol(reg.columns, qcols, WINDOW)),
@@ -457,12 +457,12 @@ def start_all(
         print(f"starting {name} ...", flush=True)
         try:
             (proc, target), protocol = start()
-        except ps.Unavailable as exc:
+        except (ps.Unavailable, OSError) as exc:  # OSError: e.g. its executable is missing
             print(f"  {name} could not start: {exc}", file=sys.stderr)
             unavailable[name] = str(exc)[:400]
             continue
         systems.append(ps.System(name, protocol, target, [proc], restart=lambda start=start: start()[0]))
-    return systems, unavailable
+    return unavailable
 
 
 def start_echo(this: ps.System, log_dir: Path, work: Path) -> ps.System:
@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print("registering the model in a temporary MLflow store ...", flush=True)
             reg = register(model_dir, work)
-            systems, unavailable = start_all(reg, work, log_dir, args.only)
+            unavailable = start_all(systems, reg, work, log_dir, args.only)
             echo = start_echo(systems[0], log_dir, work)
             print(f"checking that every system gives the same forecasts ({CHECK_SERIES} series x {WINDOW} steps) ...")
             reference = reference_forecasts(reg.sequence_graph, CHECK_SERIES)
