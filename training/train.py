@@ -177,8 +177,11 @@ def fit_scaling(values: Sequence[np.ndarray], covariates: Sequence[np.ndarray]) 
     """Scaling statistics for ModelConfig, pooled over the training parts of all series."""
     v = np.concatenate([np.asarray(x, np.float64) for x in values])
     # asinh(x / unit) is log-like once |x| / unit >> 1; a tenth of the typical magnitude gets there.
-    unit = 0.1 * float(np.median(np.abs(v)))
-    unit = unit if unit > 0 else 1.0
+    # Typical of the non-zero values: a series that is mostly 0 (a call centre closed at night and at
+    # weekends) has a median of 0, and a unit of 1 made the transform a log of counts, under which
+    # a small error of the network became a several-fold error in raw units.
+    active = np.abs(v[v != 0])
+    unit = 0.1 * float(np.median(active)) if active.size else 1.0
     a = np.arcsinh(v / unit)
     scale = float(a.std()) or 1.0
     stats = {"value_unit": unit, "value_loc": float(a.mean()), "value_scale": scale}

@@ -157,6 +157,16 @@ def test_scaling_pools_series_of_different_magnitudes():
     assert stats["value_scale"] > 0 and stats["covariate_loc"] == (0.5,)
 
 
+def test_scaling_unit_comes_from_the_active_values_of_a_mostly_zero_series():
+    # A call centre: closed (0) most of the time, 100-300 calls when open. The median is 0; the unit
+    # must come from the open hours, or asinh becomes a log of counts and errors blow up raw.
+    open_hours = np.tile([100.0, 200.0, 300.0], 10)
+    values = np.concatenate([np.zeros(60), open_hours])
+    stats = fit_scaling([values], [np.zeros((len(values), 0))])
+    assert stats["value_unit"] == pytest.approx(20.0)
+    assert fit_scaling([np.zeros(5)], [np.zeros((5, 0))])["value_unit"] == 1.0  # all zero: a unit of 1
+
+
 def test_pinball_loss_equals_the_textbook_definition_over_masked_points():
     gen = torch.Generator().manual_seed(0)
     pred = torch.randn(3, 5, 4, 3, generator=gen)
