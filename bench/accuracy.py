@@ -42,7 +42,7 @@ from bench.common import print_table, write_results
 from training.config import load_config
 from training.evaluate import BacktestResult, backtest, point_index
 from training.pipeline import prepare, run_backtest
-from training.train import train_forecaster
+from training.train import describe_blend, train_forecaster
 
 VARIANTS = {"demand+calendar": [], "+temperature+workday": ["data.covariate_cols=[Temperature, WorkDay]"]}
 TARGET_MASE = 0.60
@@ -68,6 +68,7 @@ def train_and_score(cfg) -> tuple[dict, dict, BacktestResult]:
         "stop_reason": result.stop_reason,
         "lags": list(model_cfg.lags or ()),
         "window": cfg.train.window,
+        "blend": describe_blend(model.config),
         **bt.metrics,
     }
     return run, bt.baselines, bt

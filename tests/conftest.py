@@ -52,9 +52,10 @@ def train_tiny(
     members: int = 1,
     lags: tuple[int, ...] = (12, 48),
     level: float = 10.0,
+    blend: float = 0.5,
 ):
     """A real Forecaster trained for a couple of seconds (with a lag buffer of 48 steps by default)
-    on one synthetic series (``level``: its mean)."""
+    on one synthetic series (``level``: its mean); ``blend``: train.blend (0: the network alone)."""
     from training.model import ModelConfig
     from training.train import TrainConfig, scaled_config, train_forecaster
 
@@ -62,7 +63,9 @@ def train_tiny(
     cfg = ModelConfig(
         cell=cell, hidden_size=16, num_layers=2, horizon=horizon, covariates=covariates, members=members, lags=lags
     )
-    train = TrainConfig(window=96, stride=12, batch_size=32, max_epochs=epochs, seed=seed, min_epoch_steps=1)
+    train = TrainConfig(
+        window=96, stride=12, batch_size=32, max_epochs=epochs, seed=seed, min_epoch_steps=1, blend=blend
+    )
     model, _ = train_forecaster(scaled_config(cfg, series), series, train, progress=False)
     return model
 

@@ -30,6 +30,14 @@ value at t + k - l * ceil(k / l) (the seasonal naive forecast of that lag). Befo
 close to the mean of the naive and seasonal naive forecasts; the network learns when to trust
 which and what to add. A reference not yet in the buffer falls back to the latest value.
 
+Reference blend. With ``blend`` (one weight per reference, from training: see
+``training.train.choose_blend``) the forecast moves part of the way from the network's point
+forecast towards one of its references, the whole band with it: an equal-weight combination of the
+network and the plain seasonal rule that did best on the validation stretch. Combining a network
+with a simple rule that errs differently is the most reliable gain in forecasting competitions,
+and equal weights, not weights fitted on a short validation stretch, are what hold up on new data
+(docs/experiments.md: fitted per-horizon weights lost on the test periods).
+
 Members. With ``members`` K > 1 the model is K networks of ``hidden_size / K`` units each, trained
 one after another from their own seeds (own initialisation, data order and early stopping; see
 ``training.train.train_forecaster``), then packed into one recurrent stack by ``pack_members``:
@@ -87,10 +95,14 @@ class ModelConfig:
     value_scale: float = 1.0
     covariate_loc: tuple[float, ...] = field(default=())
     covariate_scale: tuple[float, ...] = field(default=())
+    # The reference blend (see the module docstring), chosen after training on the validation
+    # stretch: per reference (the latest value, then each lag's), how far the forecast moves
+    # towards it; num_references weights >= 0 summing to at most 1. () is no blend.
+    blend: tuple[float, ...] = field(default=())
 
     def __post_init__(self) -> None:
         # Lists from YAML/JSON become tuples so the config stays hashable and frozen.
-        for name in ("quantiles", "covariates", "covariate_loc", "covariate_scale", "holidays", "lags"):
+        for name in ("quantiles", "covariates", "covariate_loc", "covariate_scale", "holidays", "lags", "blend"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         # YAML reads 2014-12-25 as a date object; keep ISO strings (JSON, ONNX metadata).
@@ -129,6 +141,13 @@ class ModelConfig:
                 "model.lags takes increasing whole numbers of steps >= 2, e.g. [48, 336] for a day and a week of "
                 f"half-hours (lag 1 is the latest value, which the model always sees); got {list(lags)}"
             )
+        if self.blend and (
+            len(self.blend) != self.num_references or min(self.blend) < 0.0 or sum(self.blend) > 1.0 + 1e-6
+        ):
+            raise ValueError(
+                f"blend takes one weight >= 0 per reference ({self.num_references}: the latest value, then each "
+                f"lag), summing to at most 1; got {list(self.blend)}"
+            )
         if len(set(self.covariates)) != c:
             raise ValueError(f"covariate names must be unique, got {list(self.covariates)}")
 
@@ -145,6 +164,10 @@ class ModelConfig:
         """The quantile whose path is the point forecast, for the backtest, the gate and the server
         alike (exported as metadata ``point_quantile``); see training.evaluate.point_quantile."""
         return point_quantile(self.quantiles)
+
+    @property
+    def point_index(self) -> int:
+        return list(self.quantiles).index(self.point_quantile)
 
     @property
     def num_covariates(self) -> int:
@@ -247,6 +270,9 @@ class Forecaster(nn.Module):
             features, references = lag_offsets(config)
             self.register_buffer("lag_feature_offsets", torch.tensor(features, dtype=torch.int64), persistent=False)
             self.register_buffer("lag_reference_offsets", torch.tensor(references, dtype=torch.int64), persistent=False)
+        # The reference blend from the config, like the lag offsets: not part of the state dict.
+        blend = torch.tensor(config.blend, dtype=torch.float32) if config.blend else None
+        self.register_buffer("blend", blend, persistent=False)
 
     # -- transforms -------------------------------------------------------------------------
     def scale_values(self, values: torch.Tensor) -> torch.Tensor:
@@ -382,10 +408,27 @@ class Forecaster(nn.Module):
             new["lags_seen"] = torch.clamp(state["lags_seen"] + values.shape[1], max=float(s))
         return out, z, new, window
 
-    def quantiles_z(self, hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def quantiles_z(self, hidden: torch.Tensor, reference: torch.Tensor, blended: bool = True) -> torch.Tensor:
         """(..., H) hidden and the reference -> (..., horizon, Q) non-crossing z quantiles (with members,
-        their mean). The reference is the latest scaled value (...) for a model without lags, else the
-        references (..., horizon, 1 + lags) that the head mixes."""
+        their mean), moved by the reference blend (unless ``blended`` is False). The reference is the
+        latest scaled value (...) for a model without lags, else the references (..., horizon, 1 + lags)
+        that the head mixes."""
+        out = self._network_quantiles_z(hidden, reference)
+        if self.blend is None or not blended:
+            return out
+        # Every quantile moves by the same amount, so the band keeps its shape and never crosses:
+        # the sum over references of weight x (reference - point forecast).
+        p = self.config.point_index
+        point = out[..., p : p + 1]  # (..., horizon, 1)
+        return out + ((self.references_of(reference) - point) * self.blend).sum(dim=-1, keepdim=True)
+
+    def references_of(self, reference: torch.Tensor) -> torch.Tensor:
+        """quantiles_z's reference as (..., horizon, R): a model without lags has one, the latest value."""
+        if self.config.lags:
+            return reference
+        return reference[..., None, None].expand(*reference.shape, self.config.horizon, 1)
+
+    def _network_quantiles_z(self, hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         q = cfg.num_quantiles
         shape = (cfg.horizon, cfg.head_size) if cfg.members == 1 else (cfg.members, cfg.horizon, cfg.head_size)
@@ -417,16 +460,23 @@ class Forecaster(nn.Module):
         timestamps_ms: torch.Tensor,
         covariates: torch.Tensor | None = None,
         state: State | None = None,
-    ) -> torch.Tensor:
+        blended: bool = True,
+        with_references: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Training/backtest path: from ``state`` (default zero: the start of the series), the z-space
         forecast after every step. (B, T) -> (B, T, horizon, Q); entry t is made after observing step t.
-        Training windows pass the window's lag buffer with a zero recurrent state."""
+        Training windows pass the window's lag buffer with a zero recurrent state. ``blended`` False: the
+        network's own forecast, without the reference blend; ``with_references``: also the references
+        (B, T, horizon, R), for choosing the blend."""
         state = self.zero_state(values.shape[0]) if state is None else state
         out, z, _, window = self.encode(values, timestamps_ms, covariates, state, scaled_window=True)
         if window is None:
-            return self.quantiles_z(out, z)
-        steps = torch.arange(values.shape[1], device=values.device)
-        return self.quantiles_z(out, self._references(*window, z, steps))
+            reference = z
+        else:
+            steps = torch.arange(values.shape[1], device=values.device)
+            reference = self._references(*window, z, steps)
+        forecast = self.quantiles_z(out, reference, blended)
+        return (forecast, self.references_of(reference)) if with_references else forecast
 
     def forward(
         self, values: torch.Tensor, timestamps_ms: torch.Tensor, covariates: torch.Tensor | None, *state: torch.Tensor

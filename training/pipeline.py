@@ -22,7 +22,14 @@ from training.export import example_inputs, export_model
 from training.model import Forecaster, ModelConfig
 from training.registry import FORECASTING_TAG, Promotion, best_baseline, log_and_register, promote
 from training.seasonality import calendar_periods, covered_periods
-from training.train import TrainingError, TrainResult, forecast_series, scaled_config, train_forecaster
+from training.train import (
+    TrainingError,
+    TrainResult,
+    describe_blend,
+    forecast_series,
+    scaled_config,
+    train_forecaster,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -200,12 +207,17 @@ def fit(
             best = str(result.best_epoch)
         mlflow.log_metric("train_seconds", result.seconds)
         mlflow.set_tag("stop_reason", result.stop_reason)  # patience, budget or max_epochs (per member, joined)
+        mlflow.set_tag("reference_blend", describe_blend(model.config))
+        for r in result.members or [result]:  # each network's validation error, and each reference's alone
+            prefix = f"member{result.members.index(r)}." if result.members else ""
+            mlflow.log_metrics({f"{prefix}val_scaled_mae.{k}": v for k, v in r.blend_errors.items()})
         log.info(
-            "trained %d epochs in %.1fs (best epoch %s, stopped by %s)",
+            "trained %d epochs in %.1fs (best epoch %s, stopped by %s); reference blend: %s",
             result.epochs,
             result.seconds,
             best,
             result.stop_reason,
+            describe_blend(model.config),
         )
 
         bt = run_backtest(model, dataset, cfg)

@@ -79,6 +79,10 @@ class TrainConfig:
     # Windows start from the recurrent state the series has there after all its history (see
     # _warm_states), not from zero; false trains every window from zero state.
     warm_start: bool = True
+    # The reference blend (training.model): after early stopping, the forecast moves this share of
+    # the way towards the reference (the latest value or a lag's seasonal naive) that did best alone
+    # on the validation stretch (choose_blend); 0.5 is an equal-weight combination, 0 turns it off.
+    blend: float = 0.5
     device: str = "auto"  # auto | cpu | cuda (see training.distributed)
 
     def __post_init__(self) -> None:
@@ -102,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"train.burn_in must be in [0, window), got {self.burn_in}")
         if self.finetune_passes < 0:
             raise ValueError(f"train.finetune_passes must be >= 0 (0 disables), got {self.finetune_passes}")
+        if not 0.0 <= self.blend <= 1.0:
+            raise ValueError(f"train.blend must be in [0, 1] (0 turns the reference blend off), got {self.blend}")
         if self.finetune_lr <= 0:
             raise ValueError(f"train.finetune_lr must be positive, got {self.finetune_lr}")
 
@@ -116,6 +122,10 @@ class TrainResult:
     stop_reason: str = ""  # STOP_PATIENCE, STOP_BUDGET or STOP_MAX_EPOCHS
     seconds: float = 0.0
     seed: int = 0
+    # The reference blend chosen on validation (choose_blend): one weight per reference, () if none;
+    # and the validation error of the network and of each reference alone.
+    blend: tuple[float, ...] = ()
+    blend_errors: dict[str, float] = field(default_factory=dict)
     # With model.members K > 1: one result per member, and the fields above stay empty but for
     # ``seconds`` (all members) and ``best_val_loss`` (the members' mean).
     members: list[TrainResult] = field(default_factory=list)
@@ -131,7 +141,7 @@ class TrainResult:
         return [r.stop_reason for r in self.members] if self.members else [self.stop_reason]
 
     def summary(self) -> dict:
-        out = {"seconds": round(self.seconds, 2), "epochs": self.epochs}
+        out = {"seconds": round(self.seconds, 2), "epochs": self.epochs, "blend": list(self.blend)}
         if not self.members:
             return {
                 **out,
@@ -415,7 +425,8 @@ def train_forecaster(
     deadline = time.monotonic() + 60.0 * cfg.max_minutes
     if config.members == 1:
         model = _seeded_model(config, cfg.seed)
-        return model, train_model(model, series, cfg, on_epoch, progress, deadline=deadline, workers=workers)
+        result = train_model(model, series, cfg, on_epoch, progress, deadline=deadline, workers=workers)
+        return with_blend(model, result.blend), result
     single = replace(config, hidden_size=config.member_size, members=1)
     nets, results = [], []
     started = time.perf_counter()
@@ -441,7 +452,74 @@ def train_forecaster(
         seed=cfg.seed,
         members=results,
     )
-    return pack_members(nets), result
+    # One blend for the packed model: the members' mean (each was fitted to its own network).
+    blends = [r.blend for r in results if r.blend]
+    result.blend = tuple(float(x) for x in np.mean(blends, axis=0)) if len(blends) == len(results) else ()
+    return with_blend(pack_members(nets), result.blend), result
+
+
+def with_blend(model: Forecaster, blend: Sequence[float]) -> Forecaster:
+    """``model`` with the reference blend ``blend`` (() : none) in its config; the same weights."""
+    if not blend:
+        return model
+    blended = Forecaster(replace(model.config, blend=tuple(blend)))
+    blended.load_state_dict(model.state_dict())
+    return blended.to(next(model.parameters()).device).train(model.training)
+
+
+@torch.no_grad()
+def choose_blend(
+    model: Forecaster, win: _Windows, cfg: TrainConfig, warm: _WarmStates | None, device: torch.device
+) -> tuple[tuple[float, ...], dict[str, float]]:
+    """The reference blend (see training.model): weight ``cfg.blend`` on the reference whose forecast
+    alone had the least error over the validation stretch, and each candidate's error.
+
+    Error: the mean absolute error of the point forecast in raw units, each series' errors divided by
+    its mean absolute step-to-step change (so series of different sizes count alike, as in MASE),
+    over every validation origin and horizon step. Run on the early-stopped network before
+    fine-tuning, while the validation stretch is still out of sample for it.
+    """
+    model.eval()
+    config = model.config
+    names = ["network", "latest_value"] + [f"lag_{lag}" for lag in config.lags or ()]
+    scale = _series_scales(win)
+    errors = torch.zeros(len(names), dtype=torch.float64)  # summed: the network, then each reference
+    count = 0
+    for first in range(0, len(win.starts), cfg.batch_size):
+        rows = np.arange(first, min(first + cfg.batch_size, len(win.starts)))
+        values, ts, cov, target, mask, state = _to(device, *_batch(model, win, rows, cfg.window, warm))
+        q, refs = model.forecast_all_z(values, ts, cov, state, blended=False, with_references=True)
+        keep = mask.cpu()  # (B, W): origins whose horizon steps are all known
+        pos = (torch.as_tensor(win.starts[rows])[:, None] + torch.arange(values.shape[1])).clamp(max=len(scale) - 1)
+        per = scale[pos][keep][:, None, None]  # (N, 1, 1) each origin's series scale
+        candidates = torch.cat([q[..., config.point_index, None], refs], dim=-1).cpu()[keep]  # (N, horizon, 1 + R)
+        actual = model.unscale_values(target.cpu()[keep])[..., None]  # (N, horizon, 1)
+        errors += ((actual - model.unscale_values(candidates)).abs() / per).sum(dim=(0, 1)).double()
+        count += actual.shape[0] * actual.shape[1]
+    errors /= max(1, count)
+    best = int(errors[1:].argmin())
+    blend = [0.0] * config.num_references
+    blend[best] = cfg.blend
+    return (tuple(blend) if cfg.blend else ()), dict(zip(names, errors.tolist(), strict=True))
+
+
+def _series_scales(win: _Windows) -> torch.Tensor:
+    """(N,) per packed position: its series' mean absolute step-to-step change (1 where that is 0)."""
+    values, starts = win.values.double().numpy(), win.series_start.numpy()
+    same = starts[1:] == starts[:-1]
+    ids, inverse = np.unique(starts, return_inverse=True)
+    total = np.bincount(inverse[1:][same], weights=np.abs(np.diff(values))[same], minlength=len(ids))
+    count = np.bincount(inverse[1:][same], minlength=len(ids))
+    scale = np.divide(total, count, out=np.ones(len(ids)), where=count > 0)
+    return torch.as_tensor(np.where(scale > 0, scale, 1.0)[inverse], dtype=torch.float32)
+
+
+def describe_blend(config: ModelConfig) -> str:
+    """One line: the reference the forecast moves towards, and how far."""
+    if not config.blend:
+        return "none"
+    names = ["the latest value"] + [f"lag {lag}" for lag in config.lags or ()]
+    return ", ".join(f"{w:g} towards {names[r]}" for r, w in enumerate(config.blend) if w > 0) or "none"
 
 
 def member_seeds(seed: int, members: int) -> list[int]:
@@ -571,6 +649,12 @@ def train_model(
         bar.total = bar.n + finetune_steps
         model.load_state_dict(best_state)
         warm = best_warm
+        if cfg.blend:  # on the early-stopped network, before fine-tuning trains on the validation stretch
+            result.blend, result.blend_errors = choose_blend(model, val_w, cfg, warm, workers.device)
+            log.info(
+                "validation error alone (scaled MAE): %s",
+                ", ".join(f"{k} {v:.4g}" for k, v in result.blend_errors.items()),
+            )
         # Fine-tuning: a fresh optimizer at a constant low rate, the same clipping.
         opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=cfg.weight_decay)
         for p in range(1, passes + 1):

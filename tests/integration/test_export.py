@@ -24,6 +24,7 @@ VARIANTS = [
 @pytest.mark.parametrize("cell, covariates, lags", VARIANTS)
 def test_graphs_follow_the_contract_and_agree(tmp_path, cell, covariates, lags):
     model = train_tiny(cell, covariates, epochs=1, lags=lags)
+    assert sum(model.config.blend) == 0.5  # the reference blend is in the graphs the parity checks compare
     report = export_model(model, tmp_path, metadata={"target": "load", "mlflow_run_id": "r1"})
     assert report.worst < PARITY_TOLERANCE
     assert set(report.parity) == {

@@ -112,6 +112,29 @@ def test_the_head_forecasts_around_seasonal_references(lag_index, lag):
             assert path[t, k - 1].item() == pytest.approx(expected.item(), rel=1e-4), (t, k)
 
 
+def test_the_blend_moves_the_whole_band_towards_a_reference():
+    """Weight 1 on the latest value makes the point forecast the latest value at every step; any
+    weight moves every quantile by the same amount, so the band keeps its width."""
+    n = 30
+    values = torch.tensor(np.random.default_rng(2).uniform(5, 15, n), dtype=torch.float32)[None]
+    ts = MONDAY_2014_01_06 + torch.arange(n)[None] * 1_800_000
+    plain = model(lags=(4,), horizon=6)
+    with torch.no_grad():
+        before = plain.forecast_all_z(values, ts)
+        for blend in [(1.0, 0.0), (0.3, 0.5)]:
+            m = model(lags=(4,), horizon=6, blend=blend)
+            m.load_state_dict(plain.state_dict())
+            after, refs = m.forecast_all_z(values, ts, with_references=True)
+            shift = after - before  # (1, T, horizon, Q): the same for every quantile
+            assert torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-5)
+            expected = sum(w * (refs[..., r] - before[..., 1]) for r, w in enumerate(blend))
+            assert torch.allclose(shift[..., 0], expected, atol=1e-5)
+            assert torch.equal(m.forecast_all_z(values, ts, blended=False), before)
+        point = m.unscale_values(model(lags=(4,), horizon=6, blend=(1.0, 0.0)).forecast_all_z(values, ts))
+    # a fresh network of the same seed: weight 1 on the latest value ignores whatever it forecasts
+    assert torch.allclose(point[0, :, :, 1], values[0, :, None].expand(n, 6), rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
@@ -122,6 +145,9 @@ def test_the_head_forecasts_around_seasonal_references(lag_index, lag):
         (dict(hidden_size=10, members=3), "split evenly"),
         (dict(lags=(1, 48)), "model.lags"),
         (dict(lags=(336, 48)), "model.lags"),
+        (dict(lags=(48,), blend=(0.5,)), "one weight >= 0 per reference"),
+        (dict(lags=(48,), blend=(0.7, 0.6)), "summing to at most 1"),
+        (dict(blend=(-0.1,)), "one weight >= 0"),
         (
             dict(covariates=("a",), covariate_loc=(0.0, 1.0), covariate_scale=(1.0, 1.0)),
             "one entry per covariate",

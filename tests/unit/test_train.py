@@ -167,6 +167,22 @@ def test_scaling_unit_comes_from_the_active_values_of_a_mostly_zero_series():
     assert fit_scaling([np.zeros(5)], [np.zeros((5, 0))])["value_unit"] == 1.0  # all zero: a unit of 1
 
 
+def test_the_blend_leans_towards_the_reference_that_did_best_on_validation():
+    # A daily cycle (48 steps) with little noise: a day back is a far better forecast than the
+    # latest value, so the forecast moves half way towards lag 48's seasonal naive.
+    series = [synthetic_series(n=48 * 12)]
+    cfg = replace(SMALL, max_epochs=1)
+    model, result = train_forecaster(small_model(series, lags=(48,)).config, series, cfg, progress=False)
+    errors = result.blend_errors
+    assert set(errors) == {"network", "latest_value", "lag_48"}
+    assert errors["lag_48"] < errors["latest_value"] / 2
+    assert result.blend == (0.0, 0.5) and model.config.blend == (0.0, 0.5)
+    assert result.summary()["blend"] == [0.0, 0.5]
+    config = small_model(series, lags=(48,)).config
+    off, result = train_forecaster(config, series, replace(cfg, blend=0.0), progress=False)
+    assert off.config.blend == () and result.blend == () and off.blend is None
+
+
 def test_pinball_loss_equals_the_textbook_definition_over_masked_points():
     gen = torch.Generator().manual_seed(0)
     pred = torch.randn(3, 5, 4, 3, generator=gen)
