@@ -17,7 +17,8 @@ Metrics are pooled over every (series, origin, step ahead) point. MASE divides e
 errors by that series' own in-sample seasonal-naive MAE (on its training part), so series on different
 scales count alike. Baselines are scored on the same origins: naive (last value), seasonal naive
 (lag = season), when every series has a week of history before its first origin, weekly seasonal
-naive (lag = 7 * season, for daily seasons that is a week), and the classical "mstl_ets" (MSTL + damped
+naive (lag = one week of the data's step: 336 for half-hours; none where the season already is a week,
+as for daily data with a season of 7, or a week is not a whole number of steps), and the classical "mstl_ets" (MSTL + damped
 trend ETS fitted on each series' training part, `training.classical`), unless the caller turns it off.
 """
 
@@ -42,6 +43,19 @@ if TYPE_CHECKING:  # evaluate needs only numpy at run time; the dataset types ar
 log = logging.getLogger(__name__)
 
 ForecastFn = Callable[["Series"], np.ndarray]  # series -> float [T, horizon, Q], row t made after step t
+
+
+MS_PER_WEEK = 7 * 86_400_000
+
+
+def weekly_lag(freq_ms: int, season: int) -> int | None:
+    """Steps in one week of ``freq_ms`` steps, the weekly seasonal naive's lag; None where a week is
+    not a whole number of steps or not longer than the season (a season of a week is the weekly
+    naive already: seven seasons back would be seven weeks, a lag no calendar explains)."""
+    if freq_ms <= 0 or MS_PER_WEEK % freq_ms:
+        return None
+    week = MS_PER_WEEK // freq_ms
+    return week if week > season else None
 
 
 def holdout_start(n: int, test_fraction: float) -> int:
@@ -205,7 +219,7 @@ def backtest(
     if not quantiles or any(not 0 < q < 1 for q in quantiles) or list(quantiles) != sorted(set(quantiles)):
         raise ValueError(f"quantiles must be strictly increasing values in (0, 1), got {list(quantiles)}")
     mid = point_index(quantiles)
-    weekly = 7 * season
+    weekly = weekly_lag(dataset.freq_ms, season)
     details, fits = [], []
     baseline_preds = {"naive": [], "seasonal_naive": [], "weekly_seasonal_naive": [], "mstl_ets": []}
     for s in dataset.series:
@@ -226,7 +240,7 @@ def backtest(
         details.append(SeriesBacktest(s.series_id, s.timestamps_ms, s.values, origins, actual, fc, scale))
         baseline_preds["naive"].append(naive_forecast(s.values, origins, horizon))
         baseline_preds["seasonal_naive"].append(seasonal_naive_forecast(s.values, origins, horizon, season))
-        if origins[0] >= weekly - 1:
+        if weekly is not None and origins[0] >= weekly - 1:
             baseline_preds["weekly_seasonal_naive"].append(seasonal_naive_forecast(s.values, origins, horizon, weekly))
         if classical:
             started = time.perf_counter()

@@ -18,6 +18,7 @@ from training.evaluate import (
     plot_backtest,
     point_metrics,
     seasonal_naive_forecast,
+    weekly_lag,
 )
 
 QUANTILES = (0.1, 0.5, 0.9)
@@ -152,7 +153,7 @@ def test_backtest_metrics_on_a_toy_series():
     # Seasonal naive (lag 4): always 4 behind.
     seasonal = result.baselines["seasonal_naive"]
     assert (seasonal["mae"], seasonal["rmse"], seasonal["mase"]) == pytest.approx((4.0, 4.0, 1.0))
-    # A week (7 * 4 = 28 steps) of history does not exist before the origins, so no weekly baseline.
+    # A week (168 hourly steps) of history does not exist before the origins, so no weekly baseline.
     assert set(result.baselines) == {"naive", "seasonal_naive"}
 
 
@@ -180,6 +181,22 @@ def test_a_perfect_forecast_scores_zero_and_the_baselines_do_not():
     assert result.metrics["pinball"] == 0 and result.metrics["coverage"] == 1
     assert set(result.baselines) == {"naive", "seasonal_naive", "weekly_seasonal_naive", "mstl_ets"}
     assert all(b["mae"] > 0.05 for b in result.baselines.values())
+
+
+def test_the_weekly_naive_looks_one_week_back_in_the_data_s_step():
+    hour, day = 3_600_000, 86_400_000
+    assert weekly_lag(hour, 24) == 168 and weekly_lag(1_800_000, 48) == 336 and weekly_lag(300_000, 288) == 2016
+    # Daily data with a season of a week: the seasonal naive is the weekly one; no second, 7 weeks back.
+    assert weekly_lag(day, 7) is None and weekly_lag(day, 1) == 7
+    assert weekly_lag(hour, 168) is None and weekly_lag(7 * 3_600_000 + 1, 1) is None  # not whole steps
+    # Hourly data with a season of 4: the weekly naive is 168 steps back, not 7 seasons (28).
+    t = np.arange(400)
+    values = 5 + np.sin(2 * np.pi * t / 4) + (t % 168 == 10)  # a spike once a week
+    result = backtest(
+        dataset(values), oracle(6), quantiles=QUANTILES, horizon=6, season=4, test_fraction=0.2, classical=False
+    )
+    assert result.baselines["weekly_seasonal_naive"]["mae"] == 0  # the weekly spike, exactly a week back
+    assert result.baselines["seasonal_naive"]["mae"] > 0
 
 
 def test_backtest_refuses_a_forecast_of_the_wrong_shape():
