@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from training.classical import ClassicalFit, fit_mstl_ets
-from training.seasonality import calendar_periods, covered_periods
+from training.seasonality import calendar_periods, covered_periods, weekly_lag
 
 if TYPE_CHECKING:  # evaluate needs only numpy at run time; the dataset types are for annotations
     from training.data import Dataset, Series
@@ -43,19 +43,6 @@ if TYPE_CHECKING:  # evaluate needs only numpy at run time; the dataset types ar
 log = logging.getLogger(__name__)
 
 ForecastFn = Callable[["Series"], np.ndarray]  # series -> float [T, horizon, Q], row t made after step t
-
-
-MS_PER_WEEK = 7 * 86_400_000
-
-
-def weekly_lag(freq_ms: int, season: int) -> int | None:
-    """Steps in one week of ``freq_ms`` steps, the weekly seasonal naive's lag; None where a week is
-    not a whole number of steps or not longer than the season (a season of a week is the weekly
-    naive already: seven seasons back would be seven weeks, a lag no calendar explains)."""
-    if freq_ms <= 0 or MS_PER_WEEK % freq_ms:
-        return None
-    week = MS_PER_WEEK // freq_ms
-    return week if week > season else None
 
 
 def holdout_start(n: int, test_fraction: float) -> int:

@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from training.evaluate import point_quantile
+from training.evaluate import point_index, point_quantile
 
 MS_PER_DAY = 86_400_000
 MS_PER_WEEK = 7 * MS_PER_DAY
@@ -166,10 +166,6 @@ class ModelConfig:
         return point_quantile(self.quantiles)
 
     @property
-    def point_index(self) -> int:
-        return list(self.quantiles).index(self.point_quantile)
-
-    @property
     def num_covariates(self) -> int:
         return len(self.covariates)
 
@@ -273,6 +269,7 @@ class Forecaster(nn.Module):
         # The reference blend from the config, like the lag offsets: not part of the state dict.
         blend = torch.tensor(config.blend, dtype=torch.float32) if config.blend else None
         self.register_buffer("blend", blend, persistent=False)
+        self.point = point_index(config.quantiles)  # the point forecast's quantile, which the blend moves
 
     # -- transforms -------------------------------------------------------------------------
     def scale_values(self, values: torch.Tensor) -> torch.Tensor:
@@ -418,8 +415,7 @@ class Forecaster(nn.Module):
             return out
         # Every quantile moves by the same amount, so the band keeps its shape and never crosses:
         # the sum over references of weight x (reference - point forecast).
-        p = self.config.point_index
-        point = out[..., p : p + 1]  # (..., horizon, 1)
+        point = out[..., self.point : self.point + 1]  # (..., horizon, 1)
         return out + ((self.references_of(reference) - point) * self.blend).sum(dim=-1, keepdim=True)
 
     def references_of(self, reference: torch.Tensor) -> torch.Tensor:

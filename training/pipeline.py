@@ -208,8 +208,8 @@ def fit(
         mlflow.log_metric("train_seconds", result.seconds)
         mlflow.set_tag("stop_reason", result.stop_reason)  # patience, budget or max_epochs (per member, joined)
         mlflow.set_tag("reference_blend", describe_blend(model.config))
-        for r in result.members or [result]:  # each network's validation error, and each reference's alone
-            prefix = f"member{result.members.index(r)}." if result.members else ""
+        for i, r in enumerate(result.members or [result]):  # each network's validation error, each reference's
+            prefix = f"member{i}." if result.members else ""
             mlflow.log_metrics({f"{prefix}val_scaled_mae.{k}": v for k, v in r.blend_errors.items()})
         log.info(
             "trained %d epochs in %.1fs (best epoch %s, stopped by %s); reference blend: %s",

@@ -22,6 +22,15 @@ def calendar_periods(freq_ms: int) -> list[int]:
     return [span // freq_ms for span in (MS_PER_DAY, MS_PER_WEEK) if span % freq_ms == 0 and span // freq_ms > 1]
 
 
+def weekly_lag(freq_ms: int, season: int) -> int | None:
+    """The weekly seasonal naive's lag: one week in steps of ``freq_ms`` (as ``calendar_periods`` has
+    it), or None where a week is not a whole number of steps or not longer than the season (a season
+    of a week is the weekly naive already: seven seasons back would be seven weeks, a lag no
+    calendar explains)."""
+    week = MS_PER_WEEK // freq_ms
+    return week if week in calendar_periods(freq_ms) and week > season else None
+
+
 def covered_periods(periods: Sequence[int], train_length: int, min_cycles: int = 3) -> list[int]:
     """The periods that the shortest training series spans at least ``min_cycles`` times."""
     return [p for p in periods if p * min_cycles <= train_length]

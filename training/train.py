@@ -492,7 +492,7 @@ def choose_blend(
         keep = mask.cpu()  # (B, W): origins whose horizon steps are all known
         pos = (torch.as_tensor(win.starts[rows])[:, None] + torch.arange(values.shape[1])).clamp(max=len(scale) - 1)
         per = scale[pos][keep][:, None, None]  # (N, 1, 1) each origin's series scale
-        candidates = torch.cat([q[..., config.point_index, None], refs], dim=-1).cpu()[keep]  # (N, horizon, 1 + R)
+        candidates = torch.cat([q[..., model.point, None], refs], dim=-1).cpu()[keep]  # (N, horizon, 1 + R)
         actual = model.unscale_values(target.cpu()[keep])[..., None]  # (N, horizon, 1)
         errors += ((actual - model.unscale_values(candidates)).abs() / per).sum(dim=(0, 1)).double()
         count += actual.shape[0] * actual.shape[1]
@@ -500,7 +500,7 @@ def choose_blend(
     best = int(errors[1:].argmin())
     blend = [0.0] * config.num_references
     blend[best] = cfg.blend
-    return (tuple(blend) if cfg.blend else ()), dict(zip(names, errors.tolist(), strict=True))
+    return tuple(blend), dict(zip(names, errors.tolist(), strict=True))
 
 
 def _series_scales(win: _Windows) -> torch.Tensor:

@@ -49,6 +49,11 @@ def test_a_fit_logs_everything_to_one_run(mlflow_store, tmp_path):
     # 36 training days of hourly data hold three days and three weeks: both seasons are decomposed.
     assert [f.periods for f in outcome.backtest.classical] == [(24, 168)] * 2
     assert metrics["parity_step_x_T_vs_sequence"] < 1e-4
+    # The reference blend: which reference the forecast leans towards, and each candidate's validation error.
+    assert run.data.tags["reference_blend"].startswith("0.5 towards ")
+    assert {"network", "latest_value", "lag_24", "lag_168"} <= {
+        k.removeprefix("val_scaled_mae.") for k in metrics if k.startswith("val_scaled_mae.")
+    }
 
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"backtest.png", "data.json", "resolved_config.yaml", "config", "pytorch"} <= artifacts
@@ -58,6 +63,7 @@ def test_a_fit_logs_everything_to_one_run(mlflow_store, tmp_path):
 
     rebuilt = load_state(local / "pytorch")
     assert rebuilt.config.covariates == ("temp_c",) and rebuilt.config.freq_ms == 3_600_000
+    assert sum(rebuilt.config.blend) == 0.5  # the reference blend comes back with the config
     for key, value in rebuilt.state_dict().items():
         assert torch.isfinite(value).all(), key
 

@@ -18,8 +18,8 @@ from training.evaluate import (
     plot_backtest,
     point_metrics,
     seasonal_naive_forecast,
-    weekly_lag,
 )
+from training.seasonality import weekly_lag
 
 QUANTILES = (0.1, 0.5, 0.9)
 HOUR_MS = 3_600_000
